@@ -1,0 +1,204 @@
+"""Compute side of the activation pass: model forward with a hook that reduces one layer on the device.
+
+Only small tensors come back to the host: per tile the pooled embedding (C,), the model outputs,
+and either a seeded sample of raw cell vectors (calibration pass) or the per-cell NNLS weights
+against the concepts H (full pass, (h, w, K) per tile). A "cell" is one spatial position of the
+hooked layer; it covers tile_px / h model px of the tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .models import ModelSpec, normalise_on_device
+from .nmf import nnls_rows
+from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
+
+
+class _StopForward(Exception):
+    """Raised by the hook in calibration: nothing after the hooked layer is needed."""
+
+
+@dataclass
+class Concepts:
+    """NMF concepts the full pass assigns cells to. H: (K, C) float32; optional shift/scale (C,) make
+    activations of layers with negative values non-negative: max((a - shift) / scale, 0)."""
+
+    H: np.ndarray
+    shift: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible. Use --device cpu or auto.")
+    return dev
+
+
+class LayerProbe:
+    """Forward hook on one module. Per call it leaves its reductions in `self.out` (device tensors)."""
+
+    def __init__(self, module: torch.nn.Module, *, relu: bool, concepts: Concepts | None,
+                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 100):
+        self.relu = relu
+        self.calib_cells = calib_cells
+        self.nnls_iter = nnls_iter
+        self.cell_index: torch.Tensor | None = None  # (B, m) cells to sample, set before each calibration batch
+        self.H = self.shift = self.scale = None
+        if concepts is not None:
+            self.H = torch.as_tensor(concepts.H, dtype=torch.float32, device=device)
+            if concepts.shift is not None:
+                self.shift = torch.as_tensor(concepts.shift, dtype=torch.float32, device=device)
+                self.scale = torch.as_tensor(concepts.scale, dtype=torch.float32, device=device)
+        self.out: dict[str, torch.Tensor] = {}
+        self.handle = module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _hook(self, module, inputs, output) -> None:
+        a = output[0] if isinstance(output, (tuple, list)) else output
+        if a.ndim != 4:
+            raise ValueError(f"the hooked layer gives a {a.ndim}-d output {tuple(a.shape)}; choose a "
+                             "convolutional layer with (N, C, h, w) output (see `python -m precompute layers`).")
+        a = a.float()
+        if self.relu:
+            a = torch.relu(a)
+        b, c, h, w = a.shape
+        cells = a.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, h*w, C)
+        out = {"min": cells.amin()}
+        if self.calib_cells:
+            idx = self.cell_index.to(a.device)
+            out["cells"] = torch.gather(cells, 1, idx[..., None].expand(-1, -1, c))  # (B, m, C)
+            self.out = out
+            raise _StopForward
+        if self.shift is not None:
+            cells = torch.clamp((cells - self.shift) / self.scale, min=0)
+        out["embedding"] = cells.mean(dim=1)  # (B, C)
+        if self.H is not None:
+            flat = cells.reshape(-1, c)
+            wts = nnls_rows(flat, self.H, n_iter=self.nnls_iter)  # (B*h*w, K)
+            resid = flat - wts @ self.H
+            out["cell_weights"] = wts.reshape(b, h, w, -1)
+            out["sq_resid"] = resid.pow(2).sum(dim=1).reshape(b, -1).sum(dim=1)  # (B,)
+            out["sq_norm"] = flat.pow(2).sum(dim=1).reshape(b, -1).sum(dim=1)
+        self.out = out
+
+
+def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int) -> tuple[int, int, int]:
+    """(C, h, w) of the layer's output for one input tile, from a CPU dry run on zeros."""
+    shapes = []
+
+    def grab(_m, _i, o):
+        o = o[0] if isinstance(o, (tuple, list)) else o
+        shapes.append(tuple(o.shape))
+        raise _StopForward
+
+    handle = layer.register_forward_hook(grab)
+    try:
+        with torch.inference_mode(), contextlib.suppress(_StopForward):
+            model(torch.zeros(1, 3, input_px, input_px))
+    finally:
+        handle.remove()
+    if not shapes or len(shapes[0]) != 4:
+        raise ValueError(f"the layer's output is {shapes[0] if shapes else 'never produced'}; "
+                         "choose a layer with a (N, C, h, w) output (see `python -m precompute layers`).")
+    return shapes[0][1], shapes[0][2], shapes[0][3]
+
+
+def _outputs_2d(y) -> torch.Tensor:
+    """Model output as (B, O) float32: first element of tuples, 'logits' or first value of dicts,
+    spatial outputs averaged."""
+    if isinstance(y, dict):
+        y = y.get("logits", next(iter(y.values())))
+    if isinstance(y, (tuple, list)):
+        y = y[0]
+    y = y.float()
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim > 2:
+        y = y.flatten(2).mean(dim=2)
+    return y
+
+
+class Engine:
+    """Runs uint8 tile batches through the model on one device and returns host numpy arrays."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, layer: torch.nn.Module, device: torch.device,
+                 *, relu: bool, concepts: Concepts | None, calib_cells: int = 0, output_activation: str = "auto"):
+        self.device = device
+        self.spec = spec
+        self.model = model.to(device).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.probe = LayerProbe(layer, relu=relu, concepts=concepts, device=device, calib_cells=calib_cells)
+        self.calib_cells = calib_cells
+        self.output_activation = output_activation
+
+    def close(self) -> None:
+        self.probe.remove()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def run(self, pixels: torch.Tensor, cell_index: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """pixels: (B, H, W, 3) uint8 on the host. Returns numpy arrays keyed like LayerProbe.out plus
+        'outputs' (B, O) and 'probs' (B, O) in the full pass."""
+        with torch.inference_mode():
+            x = pixels.to(self.device, non_blocking=True)
+            x = normalise_on_device(x, self.spec)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            self.probe.cell_index = cell_index
+            y = None
+            with self._autocast():
+                try:
+                    y = self.model(x)
+                except _StopForward:
+                    pass
+            res = {k: v.float().cpu().numpy() for k, v in self.probe.out.items()}
+            if y is not None:
+                logits = _outputs_2d(y)
+                res["outputs"] = logits.cpu().numpy()
+                act = self.output_activation
+                if act == "auto":
+                    act = "softmax" if logits.shape[1] > 1 else "sigmoid"
+                if act == "softmax":
+                    res["probs"] = torch.softmax(logits, dim=1).cpu().numpy()
+                elif act == "sigmoid":
+                    res["probs"] = torch.sigmoid(logits).cpu().numpy()
+        return res
+
+
+def _as_is(item):
+    """Messages pass through unchanged (the default would turn numpy arrays into tensors)."""
+    return item
+
+
+def stream_slides(stream: TileStream, workers: int, on_item: Callable[[object], None] | None = None
+                  ) -> Iterator[object]:
+    """Iterate the worker messages (SlidePlan, TileBatch, SlideEnd, SlideFailed) in arrival order."""
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    for item in loader:
+        if on_item:
+            on_item(item)
+        yield item
+
+
+__all__ = ["Concepts", "Engine", "LayerProbe", "layer_geometry", "pick_device", "stream_slides",
+           "SlidePlan", "TileBatch", "SlideEnd", "SlideFailed"]

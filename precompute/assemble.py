@@ -1,0 +1,129 @@
+"""Build the atlas from the per-slide parts: tiles, slide maps, k-means, 2-D projection, prototypes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .activations import Concepts
+from .clustering import assign, fit_kmeans
+from .cohort import SlideRecord
+from .config import RunConfig
+from .parts import load_part, read_part_attrs
+from .projection import project
+from .store import AtlasWriter
+
+
+def _slide_row(rec: SlideRecord, attrs: dict, cell_l0: float | None) -> dict[str, Any]:
+    mpp = attrs.get("mpp")
+    return {
+        "slide_id": rec.slide_id, "path": str(rec.path), "diagnosis": rec.diagnosis or "",
+        "patient": rec.patient or "", "status": attrs.get("status", "failed"), "error": attrs.get("error", ""),
+        "mpp": np.nan if mpp is None else mpp, "mpp_source": attrs.get("mpp_source", ""),
+        "width": attrs.get("width", 0), "height": attrs.get("height", 0),
+        "tile_l0": attrs.get("tile_l0", np.nan), "cell_l0": np.nan if cell_l0 is None else cell_l0,
+    }
+
+
+def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], concepts: Concepts,
+                cfg: RunConfig, root_attrs: dict, layer_hw: tuple[int, int],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Write the atlas at `out` (atomically). Returns facts for the summary and run log."""
+    k = concepts.H.shape[0]
+    first_ok = next((p for p in part_paths if (read_part_attrs(p) or {}).get("status") == "ok"), None)
+    if first_ok is None:
+        raise RuntimeError("no slide produced tiles; nothing to cluster")
+    probe, _ = load_part(first_ok)
+    output_names = list(root_attrs.get("output_names") or [f"out_{i}" for i in range(probe["outputs"].shape[1])])
+    has_probs = "probs" in probe
+    protos: list[dict] = []
+    total_sq_resid = total_sq_norm = 0.0
+    with AtlasWriter(out, attrs=root_attrs, embedding_dim=probe["embedding"].shape[1],
+                     output_names=output_names, k=k, has_probs=has_probs) as w:
+        for rec, path in zip(records, part_paths):
+            arrays, attrs = load_part(path)
+            status = attrs.get("status", "failed")
+            cell_l0 = attrs["tile_l0"] / layer_hw[0] if "tile_l0" in attrs else None
+            tiles = maps = None
+            if status == "ok":
+                n = len(arrays["coords"])
+                err = np.sqrt(arrays["sq_resid"] / np.maximum(arrays["sq_norm"], 1e-30)).astype(np.float32)
+                total_sq_resid += float(arrays["sq_resid"].sum())
+                total_sq_norm += float(arrays["sq_norm"].sum())
+                tiles = {
+                    "x": arrays["coords"][:, 0], "y": arrays["coords"][:, 1], "tissue_frac": arrays["tissue_frac"],
+                    "embedding": arrays["embedding"], "outputs": arrays["outputs"], "weights": arrays["weights"],
+                    "nmf_cluster": arrays["weights"].argmax(axis=1).astype(np.int16), "recon_err": err,
+                    "thumb_jpeg": arrays["thumbs"],
+                }
+                if has_probs:
+                    tiles["probs"] = arrays["probs"]
+                start = w.n_tiles
+                protos.append({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
+                               **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
+                assert len(tiles["x"]) == n
+            if "thumbnail" in arrays:
+                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard") if name in arrays}
+            map_attrs = {"thumb_downsample": attrs.get("thumb_downsample"),
+                         "mask_downsample": attrs.get("mask_downsample"), "cell_l0": cell_l0,
+                         "warnings": attrs.get("warnings", [])}
+            w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
+
+        say(f"clustering {w.n_tiles} tiles (k-means) and projecting them ({cfg.projection})")
+        emb = w.f["tiles/embedding"][()].astype(np.float32)
+        kk = cfg.kmeans_k or k
+        facts: dict[str, Any] = {"tiles": int(w.n_tiles)}
+        if len(emb) >= kk:
+            km = fit_kmeans(emb, kk, seed=cfg.seed)
+            labels, _ = assign(km, emb)
+            w.put_tile_column("kmeans_cluster", labels.astype(np.int16), attrs={"k": kk, "seed": cfg.seed})
+            w.put_group("kmeans", {"centers": np.asarray(km.cluster_centers_, np.float32)})
+        coords, params = project(emb, method=cfg.projection, seed=cfg.seed)
+        w.put_tile_column("proj", coords.astype(np.float32), attrs=params)
+        del emb
+
+        H = concepts.H
+        dist = np.sqrt(np.maximum(((H[:, None, :] - H[None, :, :]) ** 2).sum(-1), 0)).astype(np.float32)
+        Hn = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
+        cluster_arrays: dict[str, Any] = {"H": H, "distances": dist, "cosine_similarity": (Hn @ Hn.T).astype(np.float32)}
+        if concepts.shift is not None:
+            cluster_arrays.update(shift=concepts.shift, scale=concepts.scale)
+        overall_err = math.sqrt(total_sq_resid / total_sq_norm) if total_sq_norm else float("nan")
+        w.put_group("clusters", cluster_arrays, attrs={"k": k, "relative_error": overall_err,
+                                                       "distance": "euclidean between rows of H"})
+        w.put_group("clusters/prototypes", _top_prototypes(protos, k, cfg.prototypes_per_cluster),
+                    attrs={"crop": "cell plus one cell of context on each side, 96 px JPEG"})
+        facts["relative_error"] = overall_err
+    return facts
+
+
+def _top_prototypes(per_slide: list[dict], k: int, keep: int) -> dict[str, Any]:
+    """Global top `keep` cells per cluster, at most ceil(keep / 4) from one slide when several slides
+    contribute, so one slide cannot fill a cluster's gallery."""
+    cols = ("slide", "tile", "cluster", "weight", "cell_y", "cell_x")
+    rows = []
+    for p in per_slide:
+        for i in range(len(p["cluster"])):
+            rows.append((p["slide"], int(p["tile"][i]), int(p["cluster"][i]), float(p["weight"][i]),
+                         int(p["cell_y"][i]), int(p["cell_x"][i]), p["crop"][i]))
+    n_slides = len({r[0] for r in rows})
+    per_slide_cap = keep if n_slides <= 1 else max(1, math.ceil(keep / 4))
+    chosen = []
+    for c in range(k):
+        taken: dict[int, int] = {}
+        for r in sorted((r for r in rows if r[2] == c), key=lambda r: -r[3]):
+            if taken.get(r[0], 0) < per_slide_cap:
+                chosen.append(r)
+                taken[r[0]] = taken.get(r[0], 0) + 1
+                if sum(taken.values()) >= keep:
+                    break
+    dtypes = (np.int32, np.int64, np.int16, np.float32, np.int16, np.int16)
+    out: dict[str, Any] = {name: np.array([r[i] for r in chosen], dtype=dt) for i, (name, dt) in
+                           enumerate(zip(cols, dtypes))}
+    out["jpeg"] = [r[6] for r in chosen]
+    if not chosen:
+        out.pop("jpeg")
+    return out

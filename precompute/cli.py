@@ -1,0 +1,221 @@
+"""Command line: `python -m precompute run | layers | inspect | demo`.
+
+Exit codes of `run` (and `demo`): 0 all slides done; 1 atlas written but some slides failed;
+2 bad input (cohort, model, layer or option; nothing was done); 3 no slide produced tiles (no atlas).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .runlog import PassProgress, make_console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Lumen precompute: cluster a CNN layer's activations over a cohort of slides "
+                       "into one HDF5 atlas for the review dashboard.")
+console = make_console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _floats3(text: Optional[str], name: str) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        _fail(f"{name} needs three comma-separated numbers (R,G,B), e.g. 0.485,0.456,0.406; got {text!r}")
+    return values
+
+
+def _load(model: str, arch, input_px, scale, mean, std):
+    from .models import ModelError, load_model
+
+    try:
+        return load_model(model, arch=arch, input_px=input_px, scale=scale,
+                          mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"))
+    except ModelError as exc:
+        _fail(str(exc))
+
+
+MODEL_HELP = ("'capricorn-crc' (built-in demo), a TorchScript file, a state_dict checkpoint with --arch, "
+              "or 'package.module:factory'.")
+
+
+@app.command()
+def run(
+    cohort: Path = typer.Option(..., "--cohort", help="Manifest CSV (slide_id,path,diagnosis[,mpp,patient,...]) "
+                                "or a folder of slides."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="Atlas file to write (e.g. atlas.h5)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Module name to hook (see `layers`). Default: "
+                                        "the model's default layer."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict checkpoint."),
+    k: int = typer.Option(6, "--k", min=2, help="Number of NMF concepts (clusters)."),
+    kmeans_k: Optional[int] = typer.Option(None, "--kmeans-k", min=2, help="Tile-level k-means clusters "
+                                           "(default: --k)."),
+    tile_px: Optional[int] = typer.Option(None, "--tile-px", min=16, help="Tile side in px fed to the model "
+                                          "(default: the model's input size)."),
+    stride_px: Optional[int] = typer.Option(None, "--stride-px", min=1, help="Grid step in px (default: tile "
+                                            "size, no overlap)."),
+    target_mpp: float = typer.Option(0.5, "--target-mpp", min=0.01, help="Pixel size tiles are resampled to, "
+                                     "um/px."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", min=0.01, help="Pixel size (um/px) for slides whose file "
+                                        "and manifest give none."),
+    native_resolution: bool = typer.Option(False, "--native-resolution", help="Tile slides without a known "
+                                           "pixel size at their own pixels instead of failing them."),
+    min_tissue: float = typer.Option(0.25, "--min-tissue", min=0.0, max=1.0, help="Minimum tissue fraction "
+                                     "of a kept tile; 0 keeps every tile (pre-cut tile datasets)."),
+    edge_cells: int = typer.Option(0, "--edge-cells", min=0, help="Cells dropped at each tile edge before "
+                                   "averaging overlapping tiles (needs --stride-px < --tile-px)."),
+    relu: Optional[bool] = typer.Option(None, "--relu/--no-relu", help="Apply ReLU to the captured "
+                                        "activations (default: the model's setting)."),
+    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Reuse the concepts H of an earlier atlas."),
+    projection: str = typer.Option("pca", "--projection", help="2-D projection: pca or umap."),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice."),
+    calib_tiles: int = typer.Option(48, "--calib-tiles", min=1, help="Tiles sampled per slide to fit the concepts."),
+    calib_cells: int = typer.Option(8, "--calib-cells", min=1, help="Cells sampled per calibration tile."),
+    max_calib_cells: int = typer.Option(200_000, "--max-calib-cells", min=10, help="Cap on pooled cells for NMF."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Tiles per model batch."),
+    workers: int = typer.Option(-1, "--workers", help="Tile-reading processes (-1: CPU cores - 1, 0: read in "
+                                "the main process)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:1, cpu."),
+    input_px: Optional[int] = typer.Option(None, "--input-px", help="Override the model's input size."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Override input scaling (e.g. 0.00392157)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Override per-channel mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Override per-channel std, e.g. 0.229,0.224,0.225."),
+    output_activation: str = typer.Option("auto", "--output-activation", help="Probabilities from outputs: "
+                                          "auto (softmax, or sigmoid for one output), softmax, sigmoid, none."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress bars."),
+) -> None:
+    """Compute an atlas: tiles -> activations -> NMF concepts -> cluster maps -> atlas.h5.
+
+    Re-running the same command resumes: finished slides are reused, the rest is redone.
+    """
+    code = run_job(cohort=cohort, model=model, out=out, layer=layer, arch=arch, k=k, kmeans_k=kmeans_k,
+                   tile_px=tile_px, stride_px=stride_px, target_mpp=target_mpp, mpp=mpp,
+                   native_resolution=native_resolution, min_tissue=min_tissue, edge_cells=edge_cells, relu=relu,
+                   concepts=concepts, projection=projection, seed=seed, calib_tiles=calib_tiles,
+                   calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
+                   workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
+                   output_activation=output_activation, progress=progress)
+    raise typer.Exit(code)
+
+
+def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, kmeans_k=None, tile_px=None,
+            stride_px=None, target_mpp=0.5, mpp=None, native_resolution=False, min_tissue=0.25, edge_cells=0,
+            relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=8,
+            max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
+            mean=None, std=None, output_activation="auto", progress=True) -> int:
+    """The `run` command as a function (also used by `demo`). Returns the exit code."""
+    import os
+
+    from .cohort import CohortError, load_cohort
+    from .config import RunConfig
+    from .pipeline import ConfigError, run as run_pipeline
+    from .models import ModelError
+
+    if projection not in ("pca", "umap"):
+        _fail(f"--projection must be pca or umap, got {projection!r}")
+    if output_activation not in ("auto", "softmax", "sigmoid", "none"):
+        _fail(f"--output-activation must be auto, softmax, sigmoid or none, got {output_activation!r}")
+    try:
+        records = load_cohort(cohort)
+    except (CohortError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    loaded = _load(model, arch, input_px, scale, mean, std)
+    spec = loaded.spec
+    layer = layer or spec.default_layer
+    if not layer:
+        _fail(f"--layer is required for {model} (list the layers with `python -m precompute layers --model "
+              f"{shlex.quote(model)}`).")
+    tile = tile_px or spec.input_px
+    if workers < 0:
+        workers = max(0, min(8, (os.cpu_count() or 2) - 1))
+    cfg = RunConfig(model=model, layer=layer, arch=arch, model_sha256=loaded.sha256,
+                    relu=spec.relu_on_layer if relu is None else relu, tile_px=tile, stride_px=stride_px or tile,
+                    target_mpp=target_mpp, cli_mpp=mpp, native_resolution=native_resolution, min_tissue=min_tissue,
+                    edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
+                    calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,
+                    output_activation=output_activation, batch_size=batch_size, workers=workers, device=device)
+    out = out.expanduser().resolve()
+    if out.exists() and out.is_dir():
+        _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")
+    bars = PassProgress(console, enabled=progress and console.is_terminal)
+    try:
+        with bars:
+            summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, say=console.print,
+                                   progress=bars, command_line=" ".join(shlex.quote(a) for a in sys.argv))
+    except (ConfigError, ModelError, ValueError) as exc:
+        _fail(str(exc))
+    _print_summary(summary)
+    return summary.exit_code
+
+
+def _print_summary(s) -> None:
+    console.print(f"[bold]done[/] in {s.seconds:.1f} s: {s.ok} slides ok, {s.no_tissue} without tissue, "
+                  f"{s.failed} failed, {s.reused} reused from an earlier run; {s.tiles} tiles.")
+    for slide_id, error in s.failures:
+        console.print(f"  [red]failed[/] {slide_id}: {error}")
+    if s.atlas:
+        err = s.facts.get("relative_error")
+        if err is not None:
+            console.print(f"concepts reconstruct the cells with relative error {err:.3f}")
+        console.print(f"atlas: {s.atlas}")
+        console.print(f"open it: streamlit run dashboard/app.py -- --atlas {shlex.quote(str(s.atlas))}")
+
+
+@app.command()
+def layers(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict checkpoint."),
+    input_px: Optional[int] = typer.Option(None, "--input-px", help="Input size of the dummy tile."),
+) -> None:
+    """List the model's modules with their output shapes for one tile (names for --layer)."""
+    from .models import ModelError, list_layers
+
+    loaded = _load(model, arch, input_px, None, None, None)
+    try:
+        infos = list_layers(loaded.module, loaded.spec.input_px)
+    except ModelError as exc:
+        _fail(str(exc))
+    out = typer.echo
+    out(f"{'layer':48s} {'type':24s} output shape (C, h, w) for a {loaded.spec.input_px} px tile")
+    for info in infos:
+        shape = "-" if info.out_shape is None else "x".join(map(str, info.out_shape))
+        mark = "  <- default" if info.name == loaded.spec.default_layer else ""
+        out(f"{info.name:48s} {info.type_name:24s} {shape}{mark}")
+
+
+@app.command()
+def inspect(
+    atlas: Path = typer.Argument(..., help="Atlas file."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary for machines."),
+) -> None:
+    """Summarise an atlas: slides by diagnosis, tiles, clusters with sizes, configuration."""
+    from .atlas_summary import summarise, format_summary
+    from .store import AtlasFormatError
+
+    try:
+        summary = summarise(atlas)
+    except AtlasFormatError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        typer.echo(format_summary(summary))
+
+
+def main() -> None:
+    app()

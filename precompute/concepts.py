@@ -1,0 +1,89 @@
+"""The concepts H: fitted by NMF on the pooled calibration cells, or reused from an earlier atlas."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .activations import Concepts
+from .nmf import TorchNMF, make_nonnegative
+from .parts import load_part, save_part
+from .store import Atlas, AtlasFormatError
+
+CONCEPTS_FILE = "concepts.h5"
+
+
+def concepts_sha(c: Concepts) -> str:
+    """Fingerprint of the concepts; part files of the full pass are keyed by it."""
+    h = hashlib.sha256(np.ascontiguousarray(c.H, dtype=np.float32).tobytes())
+    for extra in (c.shift, c.scale):
+        if extra is not None:
+            h.update(np.ascontiguousarray(extra, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def pool_cells(part_paths: list[Path], max_cells: int, seed: int) -> tuple[np.ndarray, float]:
+    """Concatenate the calibration cells of all slides and keep a seeded sample of at most max_cells.
+
+    Returns (V (n, C) float32, minimum value seen)."""
+    chunks = []
+    for path in part_paths:
+        arrays, _ = load_part(path)
+        if len(arrays.get("cells", ())):
+            chunks.append(arrays["cells"])
+    if not chunks:
+        return np.zeros((0, 0), np.float32), 0.0
+    V = np.concatenate(chunks)
+    if len(V) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(len(V), max_cells, replace=False))
+        V = V[keep]
+    V = V.astype(np.float32)
+    return V, float(V.min())
+
+
+def fit_concepts(V: np.ndarray, k: int, seed: int, max_iter: int, device: str | None) -> tuple[Concepts, dict]:
+    """NMF on the pooled cells V (n, C). Layers with negative values are first shifted by a low
+    percentile, scaled by the IQR and clamped at 0 (per channel), and the same transform is kept
+    for the full pass. Returns the concepts and fit facts for the atlas."""
+    shift = scale = None
+    negative = bool((V < 0).any())
+    if negative:
+        V, stats = make_nonnegative(V)
+        shift, scale = np.asarray(stats["shift"], np.float32), np.asarray(stats["scale"], np.float32)
+    if k > min(V.shape):
+        raise ValueError(f"K = {k} clusters but the calibration sample has only {V.shape[0]} cells of "
+                         f"{V.shape[1]} channels; lower --k or sample more tiles (--calib-tiles).")
+    model = TorchNMF(n_components=k, seed=seed, max_iter=max_iter, device=device).fit(V)
+    facts = {"calibration_cells": int(V.shape[0]), "nmf_relative_error": float(model.reconstruction_err_),
+             "nmf_iterations": int(model.n_iter_), "negative_activations": negative}
+    return Concepts(np.asarray(model.components_, np.float32), shift, scale), facts
+
+
+def save_concepts(path: Path, c: Concepts, key: str, facts: dict) -> None:
+    arrays = {"H": c.H}
+    if c.shift is not None:
+        arrays.update(shift=c.shift, scale=c.scale)
+    save_part(path, arrays, {"key": key, "status": "ok", **facts})
+
+
+def load_concepts(path: Path) -> tuple[Concepts, dict]:
+    arrays, attrs = load_part(path)
+    return Concepts(arrays["H"], arrays.get("shift"), arrays.get("scale")), attrs
+
+
+def concepts_from_atlas(path: Path, channels: int) -> Concepts:
+    """H (and the non-negativity transform) of an earlier atlas, checked against the hooked layer."""
+    try:
+        with Atlas(path) as atlas:
+            g = atlas.group("clusters")
+    except AtlasFormatError as exc:
+        raise ValueError(f"--concepts: {exc}") from exc
+    if "H" not in g:
+        raise ValueError(f"--concepts {path}: the atlas holds no concepts (clusters/H).")
+    H = np.asarray(g["H"], np.float32)
+    if H.shape[1] != channels:
+        raise ValueError(f"--concepts {path}: its H has {H.shape[1]} channels but the chosen layer gives "
+                         f"{channels}. Use the same model and layer as the run that made it.")
+    return Concepts(H, g.get("shift"), g.get("scale"))

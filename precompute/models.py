@@ -1,0 +1,436 @@
+"""Load the model under review, say how to feed it, and find its layers.
+
+`load_model(model, ...)` accepts four kinds of `model`:
+
+- `capricorn-crc`: the built-in demo (torchvision DenseNet121 with the Capricorn 0.1 weights,
+  see precompute/capricorn.py).
+- A TorchScript file (`torch.jit.save`), detected by trying `torch.jit.load`.
+  LIMITATION: torch 2.14 refuses `register_forward_hook` on ScriptModules, on the root and on every
+  submodule of a loaded archive ("register_forward_hook is not supported on ScriptModules"), so no
+  intermediate activation can be captured from a TorchScript file; `list_layers` and `find_layer`
+  raise ModelError for one. Give Lumen the eager model instead: a state_dict + `arch`, or a factory.
+- A state_dict checkpoint + `arch`, a torchvision.models classification architecture (resnet50,
+  densenet121, vgg16, ...). Read with `weights_only=True` (never unpickles code), unwrapped from
+  {'state_dict'|'model_state_dict'|'model': ...}, with 'module.' / 'model.' prefixes stripped when
+  that makes the keys fit; loaded strictly. torchvision is always built with weights=None: nothing
+  is downloaded.
+- `package.module:factory`: `factory()` is called with no arguments and returns an nn.Module or a
+  (nn.Module, ModelSpec) pair. The package must be importable (installed, or on PYTHONPATH).
+
+Every mistake a user can make raises ModelError with what was wrong, in which file, and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODELS = ("capricorn-crc",)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_STRIP_PREFIXES = ("module.", "model.")
+_FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_SCRIPT_HOOKS_MSG = (
+    "This model was loaded from a TorchScript file, and torch refuses forward hooks on ScriptModules "
+    "(register_forward_hook is not supported on ScriptModules), so Lumen cannot capture its internal "
+    "layers. Give Lumen the eager model instead: save `model.state_dict()` and pass it with --arch "
+    "(a torchvision architecture), or pass 'package.module:factory' where factory() returns the nn.Module.")
+
+
+class ModelError(Exception):
+    """A model could not be loaded or used; the message names the input and says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to feed a model: tile side in px, uint8 scaling, per-channel mean/std, class names.
+
+    Input = (uint8 * scale - mean) / std, per RGB channel. class_names: for classifiers, the names of
+    the output columns (probabilities = softmax, or sigmoid for a single output). default_layer: the
+    layer whose activations are clustered when the user names none. relu_on_layer: apply ReLU to the
+    captured activations, for models that apply their last non-linearity as a function rather than a
+    module (torchvision DenseNet calls F.relu after features.norm5 in forward()).
+    """
+
+    name: str
+    input_px: int = 224
+    scale: float = 1 / 255
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    class_names: tuple[str, ...] | None = None
+    default_layer: str | None = None
+    relu_on_layer: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalise types here so a spec built from CLI lists or JSON compares and hashes like any other.
+        if isinstance(self.input_px, bool) or int(self.input_px) != self.input_px or self.input_px < 1:
+            raise ModelError(f"Model {self.name!r}: input size must be a positive whole number of px, got {self.input_px!r}")
+        object.__setattr__(self, "input_px", int(self.input_px))
+        if not (math.isfinite(float(self.scale)) and float(self.scale) > 0):
+            raise ModelError(f"Model {self.name!r}: scale must be a positive number (e.g. 1/255), got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        for field in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, field))
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ModelError(f"Model {self.name!r}: {field} needs 3 finite numbers (R, G, B), got {getattr(self, field)!r}")
+            object.__setattr__(self, field, values)
+        if min(self.std) <= 0:
+            raise ModelError(f"Model {self.name!r}: std values must be > 0, got {self.std!r}")
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference. kind: 'builtin' | 'torchscript' | 'state_dict' | 'factory'."""
+
+    module: torch.nn.Module   # eval mode, on CPU
+    spec: ModelSpec
+    source: str               # what the user passed
+    sha256: str | None        # of the weights/model file, when there is one
+    kind: str = "module"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module seen by a forward pass. out_shape excludes the batch dim; None when not a tensor.
+
+    calls: times the module ran in one forward pass (0: never ran; >1: a reused module, e.g. the
+    shared ReLU of a torchvision ResNet block, whose hook fires once per call).
+    """
+
+    name: str
+    type_name: str
+    out_shape: tuple[int, ...] | None
+    calls: int = 1
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(model: str, *, arch: str | None = None, input_px: int | None = None,
+               scale: float | None = None, mean: tuple | None = None, std: tuple | None = None,
+               num_classes: int | None = None) -> LoadedModel:
+    """Load `model` (see the module docstring for the accepted forms) on CPU in eval mode.
+
+    input_px / scale / mean / std override the model's defaults. arch (and num_classes, else inferred
+    from the checkpoint's last Linear layer) apply to state_dict checkpoints only.
+    """
+    model = str(model)
+    path = Path(model).expanduser()
+    try:
+        exists = path.exists()
+    except OSError:  # e.g. a name too long to be a path: treat it as "not a file"
+        exists = False
+    if model in BUILTIN_MODELS:
+        _refuse_arch(model, arch, num_classes, "is a built-in model")
+        loaded = _load_builtin(model)
+    elif exists:
+        loaded = _load_file(model, path, arch, num_classes)
+    elif _FACTORY_RE.match(model):
+        _refuse_arch(model, arch, num_classes, "is a factory; its function builds the whole model")
+        loaded = _load_factory(model)
+    else:
+        close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.6)
+        hint = f" Did you mean the built-in {close[0]!r}?" if close else ""
+        raise ModelError(
+            f"Model file not found: {path.resolve()}.{hint} Pass an existing TorchScript or state_dict file, "
+            f"a built-in model ({', '.join(BUILTIN_MODELS)}), or 'package.module:factory'.")
+    overrides = {k: v for k, v in dict(input_px=input_px, scale=scale, mean=mean, std=std).items() if v is not None}
+    if overrides:
+        loaded.spec = dataclasses.replace(loaded.spec, **overrides)
+    loaded.module = loaded.module.cpu().eval()
+    return loaded
+
+
+def _refuse_arch(model: str, arch: str | None, num_classes: int | None, why: str) -> None:
+    if arch is not None or num_classes is not None:
+        raise ModelError(f"{model!r} {why}: arch / num_classes only apply to state_dict checkpoint files. Drop them.")
+
+
+def _load_builtin(name: str) -> LoadedModel:
+    from precompute import capricorn  # lazy: converting the Keras weights costs ~0.5 s
+
+    net = capricorn.build_capricorn_crc()
+    spec = ModelSpec(name=name, input_px=224, scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                     class_names=capricorn.CAPRICORN_CLASSES, default_layer="features.norm5", relu_on_layer=True)
+    return LoadedModel(net, spec, name, sha256_file(capricorn.capricorn_keras_path()), "builtin")
+
+
+def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None) -> LoadedModel:
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; pass the model file inside it (TorchScript or state_dict checkpoint).")
+    try:
+        with open(path, "rb") as fh:
+            empty = fh.read(1) == b""
+    except OSError as exc:
+        raise ModelError(f"Cannot read model file {path}: {exc.strerror or exc}. Check the path and its permissions.") from exc
+    if empty:
+        raise ModelError(f"Model file {path} is empty (0 bytes): the copy or the save was interrupted. Copy or save it again.")
+    if arch is not None:
+        _check_arch(arch)  # before reading a possibly large file
+    script = _try_torchscript(path)
+    if script is not None:
+        _refuse_arch(str(path), arch, num_classes, "is a TorchScript file, which carries its own architecture")
+        return LoadedModel(script, ModelSpec(name=path.name), model, sha256_file(path), "torchscript")
+    state = _read_checkpoint(path)
+    if arch is None:
+        example = ", ".join(repr(k) for k in list(state)[:3])
+        raise ModelError(
+            f"{path} holds a state_dict ({len(state)} tensors, e.g. {example}) but no architecture. "
+            "Pass arch=... (--arch), the torchvision architecture it was trained with, e.g. resnet50.")
+    net, default_layer, relu = _build_from_state_dict(path, state, arch, num_classes)
+    spec = ModelSpec(name=f"{arch}:{path.name}", default_layer=default_layer, relu_on_layer=relu)
+    return LoadedModel(net, spec, model, sha256_file(path), "state_dict")
+
+
+def _try_torchscript(path: Path) -> torch.nn.Module | None:
+    """The loaded ScriptModule, or None when `path` is not a TorchScript archive."""
+    try:
+        with warnings.catch_warnings():
+            # torch 2.14 marks jit.load deprecated; the user chose this format, so the warning is noise.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception:  # any failure just means "not TorchScript"; torch.load gives the useful error next
+        return None
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a torch.save file, unwrapped from common training-checkpoint dicts."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ModelError(
+                f"{path} holds pickled Python objects (probably a whole model saved with torch.save(model)), "
+                "which Lumen does not unpickle because that can run arbitrary code. Save model.state_dict() "
+                "and pass --arch, or pass 'package.module:factory'.") from exc
+        raise ModelError(
+            f"Cannot read {path} as TorchScript or as a PyTorch checkpoint ({type(exc).__name__}: {first}). "
+            "The file may be truncated or in another format; save it again with torch.save(model.state_dict(), ...).") from exc
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise ModelError(
+            f"{path} holds no state_dict (found: {keys or 'an empty dict'}). Save the weights with "
+            "torch.save(model.state_dict(), path).")
+    return dict(obj)
+
+
+def _torchvision_archs() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _check_arch(arch: str) -> None:
+    names = _torchvision_archs()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(f"Unknown architecture {arch!r}: not a torchvision.models classification model.{hint} "
+                         "Or pass 'package.module:factory' for a network of your own.")
+
+
+def _build(arch: str, **kwargs) -> torch.nn.Module:
+    import torchvision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # e.g. inception_v3's init-weights notice
+        return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def _last_linear_key(arch: str) -> str | None:
+    """State-dict key of the weight of the architecture's last nn.Linear (the classifier head)."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no random init cost
+            net = _build(arch)
+    except Exception:
+        net = _build(arch)
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    return f"{names[-1]}.weight" if names else None
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_STRIP_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _match_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip 'module.' (DataParallel) / 'model.' (Lightning etc.) prefixes when that fits more keys."""
+    best, best_hits = state, len(expected & state.keys())
+    frontier = [state]
+    while frontier:
+        cand = frontier.pop()
+        for prefix in _STRIP_PREFIXES:
+            if any(k.startswith(prefix) for k in cand):
+                stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in cand.items()}
+                hits = len(expected & stripped.keys())
+                if hits > best_hits:
+                    best, best_hits = stripped, hits
+                    frontier.append(stripped)
+    return best
+
+
+def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str,
+                           num_classes: int | None) -> tuple[torch.nn.Module, str | None, bool]:
+    head = _last_linear_key(arch)
+    if num_classes is None and head is not None:
+        # The head key may still carry wrapper prefixes ('module.fc.weight').
+        hits = [v for k, v in state.items() if _strip_wrappers(k) == head and v.ndim == 2]
+        if len(hits) == 1:
+            num_classes = int(hits[0].shape[0])
+    net = _build(arch, **({"num_classes": num_classes} if num_classes is not None else {}))
+    expected = net.state_dict()
+    state = _match_prefixes(state, set(expected))
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs {arch} {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected)):
+            if items:
+                more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+                parts.append(f"{len(items)} {label}: {'; '.join(items[:4])}{more}")
+        raise ModelError(
+            f"{path} does not fit torchvision {arch} (num_classes={num_classes or 'default'}): " + " | ".join(parts)
+            + ". Check --arch is the architecture the checkpoint was trained with, and --num-classes.")
+    net.load_state_dict(state, strict=True)
+    return net, *_arch_defaults(arch, net)
+
+
+def _arch_defaults(arch: str, net: torch.nn.Module) -> tuple[str | None, bool]:
+    """(default layer, relu_on_layer) for common torchvision families; (None, False) otherwise."""
+    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+        return "layer4", False  # blocks end in a ReLU module: layer4's output is already non-negative
+    if arch.startswith("densenet"):
+        return "features.norm5", True  # DenseNet.forward applies F.relu after norm5
+    if arch.startswith("vgg"):
+        relus = [n for n, m in net.named_modules() if n.startswith("features.") and isinstance(m, torch.nn.ReLU)]
+        return (relus[-1] if relus else None), False  # last conv ReLU, e.g. features.29 for vgg16
+    return None, False
+
+
+def _load_factory(target: str) -> LoadedModel:
+    module_name, func_name = target.split(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModelError(
+            f"Cannot import module {module_name!r} for model {target!r} ({exc}). Install the package or add "
+            "its folder to PYTHONPATH; a model file path that does not exist also ends up here.") from exc
+    except Exception as exc:
+        raise ModelError(f"Importing {module_name!r} for model {target!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(mod, func_name, None)
+    if not callable(factory):
+        names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
+        close = difflib.get_close_matches(func_name, names, n=5, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ModelError(f"Module {module_name!r} ({getattr(mod, '__file__', '?')}) has no function {func_name!r}.{hint}")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise ModelError(f"Model factory {target!r} raised {type(exc).__name__}: {exc}") from exc
+    spec = ModelSpec(name=target)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], ModelSpec):
+        result, spec = result
+    if not isinstance(result, torch.nn.Module):
+        raise ModelError(f"Model factory {target!r} returned {type(result).__name__}; it must return an "
+                         "nn.Module or an (nn.Module, ModelSpec) pair.")
+    return LoadedModel(result, spec, target, None, "factory")
+
+
+def _refuse_script(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ModelError(_SCRIPT_HOOKS_MSG)
+
+
+def list_layers(module: torch.nn.Module, input_px: int) -> list[LayerInfo]:
+    """Every submodule with its output shape on a zero (1, 3, input_px, input_px) input.
+
+    Modules that ran come first, in execution order; modules that never ran follow (calls=0,
+    out_shape None). The root module is skipped. Raises ModelError for TorchScript modules.
+    """
+    _refuse_script(module)
+    seen: dict[str, list] = {}  # name -> [type, shape, calls]; insertion order = first call
+
+    def hook_for(name: str):
+        def hook(mod, args, out):
+            entry = seen.setdefault(name, [type(mod).__name__, None, 0])
+            entry[2] += 1
+            if entry[2] == 1 and isinstance(out, torch.Tensor):
+                entry[1] = tuple(out.shape[1:])
+        return hook
+
+    named = [(n, m) for n, m in module.named_modules() if n]
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in named]
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = module.training
+    try:
+        # eval: a dummy batch must neither update BatchNorm statistics nor fail on batch size 1.
+        module.eval()
+        with torch.no_grad():
+            module(torch.zeros(1, 3, input_px, input_px, device=device))
+    except Exception as exc:
+        raise ModelError(f"The model failed on a 1x3x{input_px}x{input_px} input ({type(exc).__name__}: {exc}). "
+                         "Check the input size (--input-px) the model expects.") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    ran = [LayerInfo(n, t, s, c) for n, (t, s, c) in seen.items()]
+    idle = [LayerInfo(n, type(m).__name__, None, 0) for n, m in named if n not in seen]
+    return ran + idle
+
+
+def find_layer(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called `name` (dotted, as in named_modules()); ModelError with close names if absent."""
+    _refuse_script(module)
+    modules = dict(module.named_modules())
+    if name and name in modules:
+        return modules[name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise ModelError(f"No layer named {name!r} in the model ({type(module).__name__}, {len(names)} layers).{hint} "
+                     "List them all with `python -m precompute layers MODEL`.")
+
+
+def normalise_on_device(batch_uint8_nhwc: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """(N, H, W, 3) uint8 tiles -> (N, 3, H, W) float32 (x * scale - mean) / std, on the input's device.
+
+    Done where the tiles already are (send uint8 to the GPU: 4x less traffic than float32). The result
+    keeps the NHWC memory layout (channels_last strides), which channels_last models consume as is.
+    """
+    x = batch_uint8_nhwc
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"normalise_on_device expects (N, H, W, 3) uint8 RGB tiles, got {got}")
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
+    # One multiply-subtract: x * (scale / std) - mean / std == (x * scale - mean) / std.
+    out = x.permute(0, 3, 1, 2).to(torch.float32)
+    return out.mul_((spec.scale / std).view(1, 3, 1, 1)).sub_((mean / std).view(1, 3, 1, 1))

@@ -1,0 +1,213 @@
+"""`precompute run`: cohort -> calibration pass -> concepts H -> full pass -> atlas.
+
+Work in progress lives in `<atlas>.parts/` beside the atlas: one part file per slide and pass plus
+the fitted concepts. Each is keyed by the settings that made it, so a re-run (after a crash, a
+kill, or with more slides) redoes only what is missing, failed, or was made with other settings.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .activations import Concepts, Engine, layer_geometry, pick_device
+from .assemble import build_atlas
+from .atomic import remove_stale_tmp
+from .cohort import SlideRecord
+from .concepts import (CONCEPTS_FILE, concepts_from_atlas, concepts_sha, fit_concepts, load_concepts,
+                       pool_cells, save_concepts)
+from .config import RunConfig
+from .models import LoadedModel, find_layer
+from .parts import is_done, part_name, read_part_attrs
+from .passes import LayerInfo, PassStats, run_pass
+from .runlog import PassProgress, RunLog
+from .tile_stream import SlideJob
+
+# Exit codes of `precompute run` (also in README.md).
+EXIT_OK = 0            # every slide processed
+EXIT_FAILURES = 1      # atlas written, but some slides failed (listed in the summary and run log)
+EXIT_BAD_INPUT = 2     # nothing done: bad cohort, model, layer or option (message says what to fix)
+EXIT_NO_ATLAS = 3      # ran, but no slide produced tiles, so no atlas could be written
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before any slide is read."""
+
+
+@dataclass
+class RunSummary:
+    atlas: Path | None
+    ok: int = 0
+    no_tissue: int = 0
+    failed: int = 0
+    reused: int = 0
+    tiles: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.atlas is None:
+            return EXIT_NO_ATLAS
+        return EXIT_FAILURES if self.failed else EXIT_OK
+
+
+def work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
+    """Tiles must map onto whole cells so overlapping tiles stitch onto one slide grid."""
+    if cfg.tile_px % layer.h or cfg.tile_px % layer.w:
+        raise ConfigError(f"--tile-px {cfg.tile_px} is not a multiple of the layer's {layer.h} x {layer.w} "
+                          "cell grid; pick a tile size the network divides evenly (e.g. 224 or 256).")
+    cell = cfg.tile_px // layer.h
+    if cfg.stride_px % cell:
+        raise ConfigError(f"--stride-px {cfg.stride_px} is not a multiple of the cell size ({cell} px at this "
+                          f"layer); use a multiple such as {max(cell, (cfg.stride_px // cell) * cell)}.")
+    if 2 * cfg.edge_cells * cell > cfg.tile_px - cfg.stride_px:
+        raise ConfigError(f"--edge-cells {cfg.edge_cells} would leave gaps: dropping {cfg.edge_cells} cells "
+                          f"({cfg.edge_cells * cell} px) at each tile edge needs tiles overlapping by at least "
+                          f"{2 * cfg.edge_cells * cell} px (tile {cfg.tile_px}, stride {cfg.stride_px}).")
+
+
+def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
+        concepts_from: Path | None = None, say: Callable[[str], None] = print,
+        progress: PassProgress | None = None, command_line: str = "") -> RunSummary:
+    """Run the whole job. Raises ConfigError before any slide is read when settings cannot work."""
+    t0 = time.perf_counter()
+    layer_mod = find_layer(loaded.module, cfg.layer)
+    c, h, w = layer_geometry(loaded.module, layer_mod, cfg.tile_px)
+    layer = LayerInfo(c, h, w, cfg.tile_px)
+    check_geometry(cfg, layer)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    wd = work_dir(out)
+    calib_dir, slides_dir = wd / "calibration", wd / "slides"
+    for d in (wd, calib_dir, slides_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(d)
+    log = RunLog(out.with_name(out.name + ".log.jsonl"))
+    log.event("run_start", version=__version__, config=cfg.to_dict(), slides=len(records), device=str(device),
+              layer_shape=[c, h, w], command_line=command_line)
+    by_index = {i: r for i, r in enumerate(records)}
+    summary = RunSummary(atlas=None)
+    progress = progress or PassProgress(console=None, enabled=False)  # type: ignore[arg-type]
+
+    def on_slide(slide_id: str, status: str, info: dict) -> None:
+        progress.slide_done()
+        log.event(f"slide_{status}", slide_id=slide_id, **info)
+        for warning in info.get("warnings", []):
+            say(f"[yellow]warning[/] {slide_id}: {warning}")
+        if status == "failed":
+            say(f"[red]failed[/] {slide_id}: {info.get('error')}")
+
+    try:
+        # 1. concepts: reuse, or calibrate and fit
+        if concepts_from is not None:
+            concepts = concepts_from_atlas(concepts_from, c)
+            fit_facts = {"concepts_from": str(concepts_from)}
+            say(f"reusing the {concepts.H.shape[0]} concepts of {concepts_from}")
+        else:
+            ckey = cfg.calibration_key()
+            calib_paths = [calib_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
+            todo = [SlideJob(i, r, sample_tiles=cfg.calib_tiles_per_slide) for i, r in by_index.items()
+                    if not is_done(calib_paths[i], ckey)]
+            say(f"calibration: {len(records) - len(todo)} slides reused, {len(todo)} to sample")
+            engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=None,
+                            calib_cells=cfg.calib_cells_per_tile, output_activation=cfg.output_activation)
+            try:
+                progress.start("calibration", len(todo))
+                st = run_pass("calibration", todo, by_index, engine, cfg, layer, calib_dir, ckey,
+                              on_tiles=progress.add_tiles, on_slide=on_slide)
+            finally:
+                engine.close()
+            log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
+                      tiles=st.tiles)
+            ok_calib = [p for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "ok"]
+            fit_key = cfg._key(("k", "seed", "nmf_max_iter", "calib_max_cells"),
+                               {"parts": [read_part_attrs(p)["key"] + p.name for p in ok_calib]})
+            cpath = wd / CONCEPTS_FILE
+            if is_done(cpath, fit_key):
+                concepts, fit_facts = load_concepts(cpath)
+                say("concepts: reused the fitted H")
+            else:
+                V, vmin = pool_cells(ok_calib, cfg.calib_max_cells, cfg.seed)
+                if V.size == 0:
+                    summary.failed = sum(1 for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "failed")
+                    summary.failures = st.failures
+                    say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
+                        "(--min-tissue), the pixel size, and the slides themselves.")
+                    log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
+                    return summary
+                if vmin < 0:
+                    say(f"[yellow]note[/] layer {cfg.layer} has negative values (min {vmin:.3g}); shifting by a low "
+                        "percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
+                say(f"fitting NMF (K={cfg.k}) on {len(V)} cells x {V.shape[1]} channels")
+                concepts, fit_facts = fit_concepts(V, cfg.k, cfg.seed, cfg.nmf_max_iter,
+                                                   None if cfg.device == "auto" else cfg.device)
+                save_concepts(cpath, concepts, fit_key, fit_facts)
+                fit_facts = {k: v for k, v in fit_facts.items()}
+            log.event("concepts", **{k: v for k, v in fit_facts.items() if k not in ("key", "status")})
+
+        # 2. full pass
+        skey = cfg.slide_key(concepts_sha(concepts))
+        slide_paths = [slides_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
+        todo = [SlideJob(i, r) for i, r in by_index.items() if not is_done(slide_paths[i], skey)]
+        summary.reused = len(records) - len(todo)
+        for i, r in by_index.items():
+            if is_done(slide_paths[i], skey):
+                log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
+        say(f"full pass: {summary.reused} slides already done, {len(todo)} to process")
+        engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=concepts,
+                        output_activation=cfg.output_activation)
+        try:
+            progress.start("full pass", len(todo))
+            st = run_pass("full", todo, by_index, engine, cfg, layer, slides_dir, skey,
+                          on_tiles=progress.add_tiles, on_slide=on_slide)
+        finally:
+            engine.close()
+        log.event("pass_end", name="full", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed, tiles=st.tiles)
+
+        # 3. atlas
+        statuses = [(read_part_attrs(p) or {}) for p in slide_paths]
+        summary.ok = sum(a.get("status") == "ok" for a in statuses)
+        summary.no_tissue = sum(a.get("status") == "no_tissue" for a in statuses)
+        summary.failed = sum(a.get("status") == "failed" for a in statuses)
+        summary.failures = [(r.slide_id, a.get("error", "")) for r, a in zip(records, statuses)
+                            if a.get("status") == "failed"]
+        if summary.ok == 0:
+            say("[red]no slide produced tiles[/]: no atlas written.")
+            log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no slide produced tiles")
+            return summary
+        root = {
+            "tool": "lumen", "tool_version": __version__,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command_line": command_line or " ".join(sys.argv), "config": cfg.to_dict(),
+            "model_source": loaded.source, "model_sha256": loaded.sha256 or "", "layer": cfg.layer,
+            "layer_shape": [c, h, w], "cell_px": layer.cell_px, "k": concepts.H.shape[0],
+            "output_names": list(loaded.spec.class_names or []), "device": str(device),
+            "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
+        }
+        say("writing the atlas")
+        facts = build_atlas(out, records, slide_paths, concepts, cfg, root, (h, w), say)
+        summary.atlas = out
+        summary.tiles = facts["tiles"]
+        summary.facts = facts
+        summary.seconds = time.perf_counter() - t0
+        log.event("run_end", exit_code=summary.exit_code, ok=summary.ok, no_tissue=summary.no_tissue,
+                  failed=summary.failed, reused=summary.reused, tiles=summary.tiles,
+                  seconds=round(summary.seconds, 2), atlas=str(out), relative_error=facts.get("relative_error"))
+        return summary
+    finally:
+        summary.seconds = time.perf_counter() - t0
+        log.close()

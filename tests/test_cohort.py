@@ -1,0 +1,182 @@
+"""Cohorts from manifests and folders, and manifest mistakes reported with the row to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from precompute.cohort import SLIDE_SUFFIXES, CohortError, SlideRecord, load_cohort
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+SLIDES = DATA / "slides"
+CMU = SLIDES / "CMU-1-Small-Region.svs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- real cohorts --------------------------------------------------------------------------------
+
+def test_breakhis_manifest():
+    recs = load_cohort(DATA / "cohort" / "breakhis" / "manifest.csv")
+    assert len(recs) == 32
+    assert {r.diagnosis for r in recs} == {"benign", "malignant"}
+    assert len({r.patient for r in recs}) == 8
+    assert len({r.meta["subtype"] for r in recs}) == 8
+    assert all(set(r.meta) == {"subtype"} for r in recs)
+    assert all(r.mpp is None for r in recs)  # BreakHis has no pixel size: it must come from the user
+    first = recs[0]
+    assert first.slide_id == "SOB_B_A-14-22549AB-100-001"
+    assert first.path == DATA.resolve() / "cohort" / "breakhis" / "SOB_B_A-14-22549AB-100-001.png"
+    assert first.path.is_absolute() and first.path.is_file()
+    assert (first.diagnosis, first.patient, first.meta["subtype"]) == ("benign", "22549AB", "adenosis")
+    assert len({r.slide_id for r in recs}) == 32
+
+
+def test_kather_manifest_has_pixel_size():
+    recs = load_cohort(DATA / "tiles" / "kather-crc" / "manifest.csv")
+    assert len(recs) == 32
+    assert all(r.mpp == 0.5 for r in recs)
+    assert {r.diagnosis for r in recs} == {"adipose", "debris", "lymphocytes", "mucus", "smooth_muscle",
+                                           "normal_mucosa", "stroma", "tumour_epithelium"}
+    # The class is also the file-name prefix.
+    assert all(r.path.name.startswith(r.slide_id.split("-")[0]) for r in recs)
+    assert all(r.patient is None and r.meta == {} for r in recs)
+
+
+def test_folder_source_lists_slides_sorted_by_name():
+    recs = load_cohort(SLIDES)
+    assert [r.slide_id for r in recs] == ["CMU-1-Small-Region", "boxes", "kidney-48-5", "small"]
+    assert all(r.path.is_absolute() and r.diagnosis is None and r.mpp is None for r in recs)
+    assert recs[0].path == CMU.resolve()
+
+
+def test_folder_skips_non_slides_hidden_files_and_subfolders(tmp_path):
+    (tmp_path / "a.SVS").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "._a.svs").write_bytes(b"x")  # macOS metadata file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.svs").write_bytes(b"x")
+    assert [r.slide_id for r in load_cohort(tmp_path)] == ["a", "b"]
+
+
+def test_folder_with_clashing_stems(tmp_path):
+    (tmp_path / "s1.svs").write_bytes(b"x")
+    (tmp_path / "s1.tif").write_bytes(b"x")
+    with pytest.raises(CohortError) as err:
+        load_cohort(tmp_path)
+    assert "s1.svs" in str(err.value) and "s1.tif" in str(err.value)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(CohortError, match="no slide files"):
+        load_cohort(tmp_path)
+
+
+def test_single_slide_file_is_a_cohort_of_one():
+    (rec,) = load_cohort(CMU)
+    assert rec == SlideRecord("CMU-1-Small-Region", CMU.resolve(), None, None, None, {})
+
+
+def test_slide_suffixes_are_lowercase_with_dot():
+    assert all(s.startswith(".") and s == s.lower() for s in SLIDE_SUFFIXES)
+    assert {".svs", ".ndpi", ".mrxs", ".tiff", ".png", ".jpg"} <= set(SLIDE_SUFFIXES)
+
+
+# -- manifests written by users ------------------------------------------------------------------
+
+def test_relative_and_absolute_paths_bom_spaces_and_extra_columns(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"x")
+    m = tmp_path / "m.csv"
+    m.write_bytes(("\ufeffSlide_ID , Path ,Diagnosis,MPP,patient,site\n"
+                   " a , img/a.png , tumour , 0.25 , p1 , colon \n"
+                   f"cmu,{CMU},, ,,\n"
+                   "\n").encode("utf-8"))
+    a, cmu = load_cohort(m)
+    assert a == SlideRecord("a", (tmp_path / "img" / "a.png").resolve(), "tumour", 0.25, "p1", {"site": "colon"})
+    assert cmu.path == CMU.resolve() and cmu.diagnosis is None and cmu.mpp is None and cmu.patient is None
+    assert cmu.meta == {"site": ""}
+
+
+def test_semicolon_manifest_with_decimal_comma(tmp_path):
+    m = write(tmp_path / "m.csv", f"slide_id;path;mpp\ncmu;{CMU};0,499\n")
+    assert load_cohort(m)[0].mpp == pytest.approx(0.499)
+
+
+def test_duplicate_ids_name_both_rows(tmp_path):
+    m = write(tmp_path / "m.csv", f"slide_id,path\na,{CMU}\nb,{CMU}\na,{CMU}\n")
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "m.csv" in msg and "rows 2 and 4" in msg and "'a'" in msg
+
+
+def test_missing_file_names_row_and_resolved_path(tmp_path):
+    m = write(tmp_path / "m.csv", f"slide_id,path,diagnosis\nok,{CMU},x\ngone,slides/gone.svs,y\n")
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "row 3" in msg and str(tmp_path / "slides" / "gone.svs") in msg and "row 2" not in msg
+
+
+def test_empty_manifest(tmp_path):
+    with pytest.raises(CohortError, match=r"only a header \(row 1\)"):
+        load_cohort(write(tmp_path / "header_only.csv", "slide_id,path,diagnosis\n"))
+    with pytest.raises(CohortError, match="empty file"):
+        load_cohort(write(tmp_path / "zero.csv", ""))
+
+
+def test_missing_required_columns(tmp_path):
+    m = write(tmp_path / "m.csv", f"id,file,diagnosis\na,{CMU},x\n")
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "row 1" in msg and "slide_id, path" in msg and "id, file, diagnosis" in msg
+
+
+def test_bad_mpp_values_name_their_rows(tmp_path):
+    m = write(tmp_path / "m.csv", f"slide_id,path,mpp\na,{CMU},0.5\nb,{CMU},abc\nc,{CMU},-1\nd,{CMU},0\ne,{CMU},\n")
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "4 problems" not in msg and "3 problems" in msg
+    assert "row 3: mpp 'abc' is not a number" in msg
+    assert "row 4: mpp '-1'" in msg and "row 5: mpp '0'" in msg
+    assert "row 2" not in msg and "row 6" not in msg
+
+
+def test_empty_slide_id_and_path_and_ragged_row(tmp_path):
+    m = write(tmp_path / "m.csv", f"slide_id,path\n,{CMU}\nb,\nc,{CMU},extra\nd/e,{CMU}\n")
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "row 2: empty slide_id" in msg
+    assert "row 3: empty path" in msg
+    assert "row 4: 3 values" in msg
+    assert "row 5: slide_id 'd/e'" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    m = write(tmp_path / "m.csv", "slide_id,path,mpp\n" + "".join(f"s{i},missing{i}.svs,\n" for i in range(30)))
+    with pytest.raises(CohortError) as err:
+        load_cohort(m)
+    msg = str(err.value)
+    assert "30 problems" in msg and "row 2:" in msg and "and 10 more" in msg
+
+
+def test_non_utf8_manifest(tmp_path):
+    m = tmp_path / "latin1.csv"
+    m.write_bytes(f"slide_id,path,diagnosis\na,{CMU},carcinome épidermoïde\n".encode("latin-1"))
+    with pytest.raises(CohortError, match="UTF-8"):
+        load_cohort(m)
+
+
+def test_nonexistent_source(tmp_path):
+    with pytest.raises(CohortError, match="not found"):
+        load_cohort(tmp_path / "nope.csv")
