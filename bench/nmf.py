@@ -13,6 +13,7 @@ The activation matrix is cached under bench/out/ (ignored by git); delete it to 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -89,14 +90,21 @@ def build_matrix(rows: int, seed: int, cache: Path) -> np.ndarray:
     return V
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time (s) over `repeats` calls and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn) -> tuple[float, object]:
+    """Wall time (s) of one call and its result."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -118,8 +126,9 @@ def main() -> None:
     print(f"matrix: {V.shape} float32 from {LAYER} of capricorn-crc on {SLIDE.name}, "
           f"{(V == 0).mean():.1%} zeros, built/loaded in {time.perf_counter() - t0:.1f} s")
     blas = sorted({f"{i['internal_api']}:{i['num_threads']}" for i in threadpool_info()})
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"BLAS {', '.join(blas)}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+          f"threadpools {', '.join(blas)}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     def torch_fit():
         model = TorchNMF(args.k, seed=args.seed, device=args.device).fit(V)
@@ -132,20 +141,32 @@ def main() -> None:
             warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter is part of what we time
             return NMF(args.k, init="nndsvd", max_iter=500, random_state=args.seed).fit(V)
 
-    t_torch, ours = timed(torch_fit, args.repeats)
-    t_sk, ref = timed(sk_fit, args.sk_repeats)
+    # Interleave the two solvers so both see the same background load on a shared machine.
+    times_torch, times_sk = [], []
+    for r in range(max(args.repeats, args.sk_repeats)):
+        if r < args.repeats:
+            t, ours = timed(torch_fit)
+            times_torch.append(t)
+        if r < args.sk_repeats:
+            t, ref = timed(sk_fit)
+            times_sk.append(t)
+    t_torch, t_sk = statistics.median(times_torch), statistics.median(times_sk)
     err_sk = float(ref.reconstruction_err_) / float(np.linalg.norm(V))
 
-    t_tr, W_ours = timed(lambda: ours.transform(V), 1)
-    t_sktr, W_sk = timed(lambda: ref.transform(V), 1)
+    t_tr, W_ours = timed(lambda: ours.transform(V))
+    t_sktr, W_sk = timed(lambda: ref.transform(V))
     err_tr = relative_error(V, W_ours, ours.components_)
 
     print(f"\n{'solver':<28}{'fit s':>9}{'iters':>7}{'rel. error':>12}")
     print(f"{'TorchNMF (' + str(ours.device) + ')':<28}{t_torch:>9.2f}{ours.n_iter_:>7}{ours.reconstruction_err_:>12.5f}")
     print(f"{'sklearn NMF cd, nndsvd':<28}{t_sk:>9.2f}{ref.n_iter_:>7}{err_sk:>12.5f}")
-    print(f"fit speed-up {t_sk / t_torch:.1f}x; error ratio torch/sklearn {ours.reconstruction_err_ / err_sk:.4f}")
+    print(f"fit speed-up {t_sk / t_torch:.1f}x (medians of {len(times_torch)} / {len(times_sk)} runs; "
+          f"all runs: torch {', '.join(f'{t:.2f}' for t in times_torch)} s, "
+          f"sklearn {', '.join(f'{t:.2f}' for t in times_sk)} s)")
+    print(f"error ratio torch/sklearn {ours.reconstruction_err_ / err_sk:.4f}")
     print(f"transform (all rows, H fixed): TorchNMF {t_tr:.2f} s (rel. error {err_tr:.5f}), "
           f"sklearn {t_sktr:.2f} s; speed-up {t_sktr / t_tr:.1f}x")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

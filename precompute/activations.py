@@ -61,16 +61,27 @@ class LayerProbe:
                 self.shift = torch.as_tensor(concepts.shift, dtype=torch.float32, device=device)
                 self.scale = torch.as_tensor(concepts.scale, dtype=torch.float32, device=device)
         self.out: dict[str, torch.Tensor] = {}
+        self.want_grad = False
+        self.grad_ref: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
         self.handle.remove()
 
-    def _hook(self, module, inputs, output) -> None:
+    def _hook(self, module, inputs, output):
         a = output[0] if isinstance(output, (tuple, list)) else output
         if a.ndim != 4:
             raise ValueError(f"the hooked layer gives a {a.ndim}-d output {tuple(a.shape)}; choose a "
                              "convolutional layer with (N, C, h, w) output (see `python -m precompute layers`).")
+        replaced = None
+        if self.want_grad:
+            # GradCAM: the rest of the network is run from a fresh leaf so autograd records only the
+            # layers after this one (parameters do not require grad), and the leaf's gradient is the
+            # gradient of the output with respect to this layer.
+            self.grad_ref = a.detach().clone().requires_grad_(True)
+            replaced = self.grad_ref if not isinstance(output, (tuple, list)) else \
+                type(output)([self.grad_ref, *output[1:]])
+            a = self.grad_ref.detach()
         a = a.float()
         if self.relu:
             a = torch.relu(a)
@@ -93,6 +104,7 @@ class LayerProbe:
             out["sq_resid"] = resid.pow(2).sum(dim=1).reshape(b, -1).sum(dim=1)  # (B,)
             out["sq_norm"] = flat.pow(2).sum(dim=1).reshape(b, -1).sum(dim=1)
         self.out = out
+        return replaced
 
 
 def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int) -> tuple[int, int, int]:
@@ -135,10 +147,15 @@ class Engine:
     """Runs uint8 tile batches through the model on one device and returns host numpy arrays."""
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, layer: torch.nn.Module, device: torch.device,
-                 *, relu: bool, concepts: Concepts | None, calib_cells: int = 0, output_activation: str = "auto"):
+                 *, relu: bool, concepts: Concepts | None, calib_cells: int = 0, output_activation: str = "auto",
+                 gradcam_output: int | None = None):
         self.device = device
         self.spec = spec
         self.model = model.to(device).eval()
+        self.gradcam_output = gradcam_output
+        self.relu = relu
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.probe = LayerProbe(layer, relu=relu, concepts=concepts, device=device, calib_cells=calib_cells)
@@ -148,6 +165,17 @@ class Engine:
     def close(self) -> None:
         self.probe.remove()
 
+    def _gradcam(self, logits: torch.Tensor) -> torch.Tensor:
+        """GradCAM of output `gradcam_output` at the hooked layer: ReLU(sum_c mean_hw(dy/dA_c) A_c), (B, h, w)."""
+        a = self.probe.grad_ref
+        (grad,) = torch.autograd.grad(logits[:, self.gradcam_output].sum(), a)
+        act = a.detach().float()
+        if self.relu:
+            act = torch.relu(act)
+        alpha = grad.float().mean(dim=(2, 3), keepdim=True)
+        self.probe.grad_ref = None
+        return torch.relu((alpha * act).sum(dim=1))
+
     def _autocast(self):
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -156,22 +184,28 @@ class Engine:
 
     def run(self, pixels: torch.Tensor, cell_index: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """pixels: (B, H, W, 3) uint8 on the host. Returns numpy arrays keyed like LayerProbe.out plus
-        'outputs' (B, O) and 'probs' (B, O) in the full pass."""
-        with torch.inference_mode():
+        'outputs' (B, O) and 'probs' (B, O) in the full pass, and 'gradcam' (B, h, w) when asked for."""
+        cam = self.gradcam_output is not None and cell_index is None
+        # GradCAM needs autograd after the hooked layer; everything else runs in inference mode.
+        mode = torch.enable_grad() if cam else torch.inference_mode()
+        with mode:
             x = pixels.to(self.device, non_blocking=True)
             x = normalise_on_device(x, self.spec)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             self.probe.cell_index = cell_index
+            self.probe.want_grad = cam
             y = None
             with self._autocast():
                 try:
                     y = self.model(x)
                 except _StopForward:
                     pass
-            res = {k: v.float().cpu().numpy() for k, v in self.probe.out.items()}
+            res = {k: v.detach().float().cpu().numpy() for k, v in self.probe.out.items()}
+            if cam and y is not None:
+                res["gradcam"] = self._gradcam(_outputs_2d(y)).cpu().numpy()
             if y is not None:
-                logits = _outputs_2d(y)
+                logits = _outputs_2d(y).detach()
                 res["outputs"] = logits.cpu().numpy()
                 act = self.output_activation
                 if act == "auto":

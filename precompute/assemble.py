@@ -30,8 +30,10 @@ def _slide_row(rec: SlideRecord, attrs: dict, cell_l0: float | None) -> dict[str
 
 def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], concepts: Concepts,
                 cfg: RunConfig, root_attrs: dict, layer_hw: tuple[int, int],
-                say: Callable[[str], None]) -> dict[str, Any]:
-    """Write the atlas at `out` (atomically). Returns facts for the summary and run log."""
+                say: Callable[[str], None], fidelity: Callable[[AtlasWriter], None] | None = None
+                ) -> dict[str, Any]:
+    """Write the atlas at `out` (atomically). Returns facts for the summary and run log.
+    `fidelity(writer)`, when given, adds the fidelity statistics once all tiles are written."""
     k = concepts.H.shape[0]
     first_ok = next((p for p in part_paths if (read_part_attrs(p) or {}).get("status") == "ok"), None)
     if first_ok is None:
@@ -41,8 +43,10 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
     has_probs = "probs" in probe
     protos: list[dict] = []
     total_sq_resid = total_sq_norm = 0.0
+    has_cam = "gradcam_r" in probe
+    extra = {"gradcam_r": ((k,), np.float32)} if has_cam else {}
     with AtlasWriter(out, attrs=root_attrs, embedding_dim=probe["embedding"].shape[1],
-                     output_names=output_names, k=k, has_probs=has_probs) as w:
+                     output_names=output_names, k=k, has_probs=has_probs, extra_columns=extra) as w:
         for rec, path in zip(records, part_paths):
             arrays, attrs = load_part(path)
             status = attrs.get("status", "failed")
@@ -61,19 +65,22 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
                 }
                 if has_probs:
                     tiles["probs"] = arrays["probs"]
+                if has_cam:
+                    tiles["gradcam_r"] = arrays["gradcam_r"]
                 start = w.n_tiles
                 protos.append({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
                                **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
                 assert len(tiles["x"]) == n
             if "thumbnail" in arrays:
-                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard") if name in arrays}
+                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam")
+                        if name in arrays}
             map_attrs = {"thumb_downsample": attrs.get("thumb_downsample"),
                          "mask_downsample": attrs.get("mask_downsample"), "cell_l0": cell_l0,
                          "warnings": attrs.get("warnings", [])}
             w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
 
         say(f"clustering {w.n_tiles} tiles (k-means) and projecting them ({cfg.projection})")
-        emb = w.f["tiles/embedding"][()].astype(np.float32)
+        emb = w.tile_column("embedding").astype(np.float32)
         kk = cfg.kmeans_k or k
         facts: dict[str, Any] = {"tiles": int(w.n_tiles)}
         if len(emb) >= kk:
@@ -97,6 +104,9 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
         w.put_group("clusters/prototypes", _top_prototypes(protos, k, cfg.prototypes_per_cluster),
                     attrs={"crop": "cell plus one cell of context on each side, 96 px JPEG"})
         facts["relative_error"] = overall_err
+        if fidelity is not None:
+            say("fidelity: regressing the explained output on concept weights")
+            fidelity(w)
     return facts
 
 

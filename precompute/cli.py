@@ -1,7 +1,8 @@
 """Command line: `python -m precompute run | layers | inspect | demo`.
 
 Exit codes of `run` (and `demo`): 0 all slides done; 1 atlas written but some slides failed;
-2 bad input (cohort, model, layer or option; nothing was done); 3 no slide produced tiles (no atlas).
+2 bad input (cohort, model, layer or option; nothing was done); 3 no slide produced tiles (no atlas);
+4 (`demo` only) the demo slide could not be fetched.
 """
 
 from __future__ import annotations
@@ -172,8 +173,13 @@ def _print_summary(s) -> None:
         err = s.facts.get("relative_error")
         if err is not None:
             console.print(f"concepts reconstruct the cells with relative error {err:.3f}")
+        shown = s.atlas
+        try:
+            shown = s.atlas.relative_to(Path.cwd())
+        except ValueError:
+            pass
         console.print(f"atlas: {s.atlas}")
-        console.print(f"open it: streamlit run dashboard/app.py -- --atlas {shlex.quote(str(s.atlas))}")
+        console.print(f"open it: streamlit run dashboard/app.py -- --atlas {shlex.quote(str(shown))}")
 
 
 @app.command()
@@ -215,6 +221,29 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
         typer.echo(format_summary(summary))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", help="Folder for the demo atlas (DIR/atlas.h5)."),
+    workers: int = typer.Option(-1, "--workers", help="Tile-reading processes (-1: CPU cores - 1)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cpu."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress bars."),
+) -> None:
+    """Fetch the public demo slide (cached) and build DIR/atlas.h5 with the built-in capricorn-crc model."""
+    from .demo_data import DemoDataError, demo_slide
+
+    try:
+        slide = demo_slide(say=console.print)
+    except DemoDataError as exc:
+        _fail(str(exc), code=EXIT_NO_DEMO_DATA)
+    console.print(f"demo slide: {slide}")
+    code = run_job(cohort=slide, model="capricorn-crc", out=out / "atlas.h5", workers=workers, device=device,
+                   progress=progress)
+    raise typer.Exit(code)
+
+
+EXIT_NO_DEMO_DATA = 4  # `demo` could not fetch its slide
 
 
 def main() -> None:

@@ -36,6 +36,11 @@ class RunConfig:
     projection: str = "pca"         # or "umap"
     prototypes_per_cluster: int = 16
     output_activation: str = "auto"  # auto | softmax | sigmoid | none
+    # fidelity
+    explain_output: int | None = None   # model output (column) the regression and GradCAM explain
+    gradcam: bool = False               # compute GradCAM of explain_output in the full pass (a backward pass)
+    positive_threshold: float = 0.5     # probability above which the model "calls a tile positive"
+    k_grid: tuple[int, ...] = (4, 6, 8, 10)  # K values compared on the calibration sample
     # execution (do not change results)
     batch_size: int = 32
     workers: int = 1
@@ -61,8 +66,9 @@ class RunConfig:
 
     def slide_key(self, concepts_sha: str) -> str:
         """What a per-slide full-pass result depends on: tiling, thumbnails, and the concepts H."""
-        return self._key(self.tiling_names() + ("edge_cells", "thumb_px", "output_activation",
-                                                "prototypes_per_cluster"), {"concepts": concepts_sha})
+        names = ("edge_cells", "thumb_px", "output_activation", "prototypes_per_cluster", "gradcam")
+        extra = {"concepts": concepts_sha, "cam_output": self.explain_output if self.gradcam else None}
+        return self._key(self.tiling_names() + names, extra)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -154,13 +154,18 @@ def _sweep_rows(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int
 
     Minimises ||V - F X||_F^2 (or its transpose) for a fixed factor F, given only the data
     product P = F.T V (K, m), i.e. H @ V.T or W.T @ V, and the Gram matrix G = F.T F (K, K).
-    Each row update is the exact minimiser along that row, clipped at 0.
+    Each row update is the exact minimiser along that row, clipped at 0:
+        X[k] <- max(0, X[k] + (P[k] - G[k] @ X) / G[k, k]) = max(0, Ps[k] - Gs[k] @ X)
+    with Ps = P / diag(G) and Gs = G / diag(G) with its diagonal zeroed, so each update is two
+    kernels (matrix-vector product, clamp) whatever the device. A row of the fixed factor that
+    is all zero (G[k, k] = 0) contributes nothing; its row of X is set to 0.
     """
-    diag = G.diagonal().clamp(min=torch.finfo(G.dtype).tiny)  # a zero row of the fixed factor: no move
+    diag = G.diagonal().clamp(min=torch.finfo(G.dtype).tiny).unsqueeze(1)
+    Ps = P / diag
+    Gs = (G / diag).fill_diagonal_(0)
     for _ in range(n_sweeps):
         for k in range(X.shape[0]):
-            step = torch.addmv(P[k], X.T, G[k], alpha=-1.0)  # P[k] - G[k] @ X  (negative gradient)
-            X[k].add_(step / diag[k]).clamp_(min=0)
+            torch.clamp(torch.addmv(Ps[k], X.T, Gs[k], alpha=-1.0), min=0, out=X[k])
 
 
 def nnls_rows(V: torch.Tensor, H: torch.Tensor, *, n_iter: int = 50) -> torch.Tensor:
@@ -169,19 +174,22 @@ def nnls_rows(V: torch.Tensor, H: torch.Tensor, *, n_iter: int = 50) -> torch.Te
     V: (n, C), H: (K, C), both on the same device. Returns W (n, K) float32 on V's device.
     Starts from the clipped unconstrained solution and runs `n_iter` coordinate sweeps; there
     is no data-dependent branching, so it never waits on the GPU (safe inside a forward hook).
+    Runs in float32 even under autocast, and without autograd.
     """
-    V = V.float()
-    H = H.to(device=V.device, dtype=torch.float32)
+    V = V.detach().float()
+    H = H.detach().to(device=V.device, dtype=torch.float32)
     K = H.shape[0]
-    G = H @ H.T  # (K, K)
-    P = H @ V.T  # (K, n)
-    # A tiny ridge keeps the solve defined when prototypes are collinear or all-zero;
-    # the sweeps below then remove its (negligible) bias.
-    ridge = 1e-6 * G.diagonal().mean() + torch.finfo(torch.float32).tiny
-    eye = torch.eye(K, device=V.device, dtype=torch.float32)
-    X = torch.linalg.solve_ex(G + ridge * eye, P)[0]
-    X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
-    _sweep_rows(X, P, G, n_iter)
+    # A hook may run under bf16/fp16 autocast: the solve needs float32 products.
+    with torch.autocast(V.device.type, enabled=False), torch.no_grad():
+        G = H @ H.T  # (K, K)
+        P = H @ V.T  # (K, n)
+        # A tiny ridge keeps the solve defined when prototypes are collinear or all-zero;
+        # the sweeps below then remove its (negligible) bias.
+        ridge = 1e-6 * G.diagonal().mean() + torch.finfo(torch.float32).tiny
+        eye = torch.eye(K, device=V.device, dtype=torch.float32)
+        X = torch.linalg.solve_ex(G + ridge * eye, P)[0]
+        X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
+        _sweep_rows(X, P, G, n_iter)
     return X.T.contiguous()
 
 
@@ -220,6 +228,8 @@ class TorchNMF:
     ) -> None:
         if int(n_components) < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}.")
+        if int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
         self.n_components = int(n_components)
         self.max_iter = int(max_iter)
         self.tol = float(tol)

@@ -25,7 +25,7 @@ from .concepts import (CONCEPTS_FILE, concepts_from_atlas, concepts_sha, fit_con
                        pool_cells, save_concepts)
 from .config import RunConfig
 from .models import LoadedModel, find_layer
-from .parts import is_done, part_name, read_part_attrs
+from .parts import is_done, part_name, read_part_attrs, save_part
 from .passes import LayerInfo, PassStats, run_pass
 from .runlog import PassProgress, RunLog
 from .tile_stream import SlideJob
@@ -113,6 +113,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
 
     try:
         # 1. concepts: reuse, or calibrate and fit
+        calib_failed: dict[int, str] = {}
         if concepts_from is not None:
             concepts = concepts_from_atlas(concepts_from, c)
             fit_facts = {"concepts_from": str(concepts_from)}
@@ -133,6 +134,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
                 engine.close()
             log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
                       tiles=st.tiles)
+            ids = {r.slide_id: i for i, r in by_index.items()}
+            calib_failed = {ids[slide_id]: error for slide_id, error in st.failures}
             ok_calib = [p for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "ok"]
             fit_key = cfg._key(("k", "seed", "nmf_max_iter", "calib_max_cells"),
                                {"parts": [read_part_attrs(p)["key"] + p.name for p in ok_calib]})
@@ -164,12 +167,19 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
         slide_paths = [slides_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
         todo = [SlideJob(i, r) for i, r in by_index.items() if not is_done(slide_paths[i], skey)]
         summary.reused = len(records) - len(todo)
+        # A slide that could not be read for calibration just now would fail the same way again:
+        # record its reason without a second attempt (a later re-run retries it).
+        for job in [j for j in todo if j.index in calib_failed]:
+            todo.remove(job)
+            save_part(slide_paths[job.index], {}, {"key": skey, "status": "failed", "slide_id": job.record.slide_id,
+                                                   "path": str(job.record.path), "error": calib_failed[job.index]})
         for i, r in by_index.items():
             if is_done(slide_paths[i], skey):
                 log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
         say(f"full pass: {summary.reused} slides already done, {len(todo)} to process")
         engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=concepts,
-                        output_activation=cfg.output_activation)
+                        output_activation=cfg.output_activation,
+                        gradcam_output=cfg.explain_output if cfg.gradcam else None)
         try:
             progress.start("full pass", len(todo))
             st = run_pass("full", todo, by_index, engine, cfg, layer, slides_dir, skey,

@@ -50,11 +50,14 @@ def _pca(X: Any, idx: np.ndarray, seed: int, batch_rows: int) -> tuple[np.ndarra
     solver = "covariance_eigh" if d <= 4096 else "randomized"
     pca = PCA(n_components=n_comp, svd_solver=solver, random_state=seed).fit(S)
     del S
-    mean = pca.mean_.astype(np.float32)
     comps = pca.components_.astype(np.float32)  # (n_comp, d)
+    offset = pca.mean_.astype(np.float32) @ comps.T  # centre after projecting: no (rows, d) temporary
     for sl in _batches(n, batch_rows):
-        block = _load(X, sl)
-        coords[sl, :n_comp] = (block - mean) @ comps.T
+        block = np.asarray(X[sl], dtype=np.float32)
+        xy = block @ comps.T - offset
+        if not np.isfinite(xy).all():  # NaN/inf in a row always reach its coordinates
+            raise ValueError("X contains NaN or infinite values; check the embeddings before projecting.")
+        coords[sl, :n_comp] = xy
     evr = [float(v) for v in pca.explained_variance_ratio_] + [0.0] * (2 - n_comp)
     params["explained_variance_ratio"] = evr
     return coords, params

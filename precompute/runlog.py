@@ -68,4 +68,4 @@ class PassProgress:
 
 def make_console() -> Console:
     """Console on stderr, so stdout stays clean for machine-readable output (inspect --json)."""
-    return Console(stderr=True, highlight=False, file=sys.stderr)
+    return Console(stderr=True, highlight=False, file=sys.stderr, soft_wrap=True)

@@ -126,7 +126,8 @@ class AtlasWriter:
     }
 
     def __init__(self, path: str | os.PathLike, *, attrs: Mapping[str, Any], embedding_dim: int,
-                 output_names: Sequence[str], k: int, has_probs: bool):
+                 output_names: Sequence[str], k: int, has_probs: bool,
+                 extra_columns: Mapping[str, tuple[tuple[int, ...], Any]] | None = None):
         self.path = Path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
@@ -149,6 +150,7 @@ class AtlasWriter:
         cols["weights"] = ((k,), np.float32)
         cols["nmf_cluster"] = ((), np.int16)
         cols["recon_err"] = ((), np.float32)
+        cols.update(extra_columns or {})
         cols["thumb_offsets"] = ((), np.int64)
         self._cols = {name: _Appendable(tiles, name, shape, dt) for name, (shape, dt) in cols.items()}
         self._thumbs = _Appendable(tiles, "thumb_jpeg", (), np.uint8)
@@ -166,8 +168,8 @@ class AtlasWriter:
 
         row: SLIDE_COLUMNS values (tile_start/n_tiles are filled here).
         tiles: per-tile arrays of equal length n: x, y, tissue_frac, embedding (n,C), outputs (n,O),
-               probs (n,O) if the atlas has them, weights (n,K), nmf_cluster (n,),
-               thumb_jpeg (list of n JPEG byte strings).
+               probs (n,O) if the atlas has them, weights (n,K), nmf_cluster (n,), recon_err (n,),
+               the extra columns named at construction, thumb_jpeg (list of n JPEG byte strings).
         maps: per-slide images stored under slide_maps/<index>/: thumbnail (h,w,3) uint8,
               tissue (h,w) bool, hard (gh,gw) uint8, soft (K,gh,gw) float16, ...
         """
@@ -232,6 +234,14 @@ class AtlasWriter:
     def n_tiles(self) -> int:
         return self._n_tiles
 
+    def tile_column(self, name: str) -> np.ndarray:
+        """Read back a tile column written so far (for statistics computed over all tiles)."""
+        return self.f["tiles"][name][()]
+
+    def slide_column(self, name: str) -> list[Any]:
+        """A slide-table column of the slides added so far."""
+        return [r[name] for r in self.slide_rows]
+
     # -- finishing ----------------------------------------------------------------------
     def _write_slide_table(self) -> None:
         g = self.f.create_group("slides")
@@ -289,6 +299,21 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _plain_attrs(attrs) -> dict[str, Any]:
+    """HDF5 attributes as plain Python values (JSON strings decoded, numpy scalars unwrapped)."""
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value.item() if isinstance(value, np.generic) else value
+    return out
+
+
 @dataclass(frozen=True)
 class SlideMaps:
     """One slide's images. Shapes: thumbnail (h,w,3) uint8; tissue (h,w) bool;
@@ -337,17 +362,7 @@ class Atlas:
     # -- root ---------------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
-        out = {}
-        for key, value in self.f.attrs.items():
-            if isinstance(value, bytes):
-                value = value.decode()
-            if isinstance(value, str) and value[:1] in "{[":
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
-            out[key] = value.item() if isinstance(value, np.generic) else value
-        return out
+        return _plain_attrs(self.f.attrs)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -386,7 +401,7 @@ class Atlas:
         if key not in self.f:
             return None
         g = self.f[key]
-        return SlideMaps({n: g[n][()] for n in g}, {k: v for k, v in g.attrs.items()})
+        return SlideMaps({n: g[n][()] for n in g}, _plain_attrs(g.attrs))
 
     # -- tiles --------------------------------------------------------------------------
     def tile_names(self) -> list[str]:
@@ -402,8 +417,7 @@ class Atlas:
         return out
 
     def tile_attrs(self, name: str) -> dict[str, Any]:
-        return {k: (json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v)
-                for k, v in self.f["tiles"][name].attrs.items()}
+        return _plain_attrs(self.f["tiles"][name].attrs)
 
     def thumbnails(self, rows: Sequence[int]) -> list[bytes]:
         """JPEG bytes of the given tiles' thumbnails (read lazily, one slice each)."""
@@ -424,10 +438,7 @@ class Atlas:
         return {n: _decode(g[n][()]) for n in g if isinstance(g[n], h5py.Dataset)}
 
     def group_attrs(self, name: str) -> dict[str, Any]:
-        if name not in self.f:
-            return {}
-        return {k: (json.loads(v) if isinstance(v, str) and v[:1] in "{[" else
-                    (v.item() if isinstance(v, np.generic) else v)) for k, v in self.f[name].attrs.items()}
+        return _plain_attrs(self.f[name].attrs) if name in self.f else {}
 
     def ragged(self, group: str, name: str, rows: Sequence[int] | None = None) -> list[bytes]:
         """Byte strings stored with `put_group(..., {name: [bytes, ...]})`."""

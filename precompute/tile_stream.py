@@ -21,6 +21,7 @@ from .slides import open_slide, resolve_pixel_size
 from .tissue import plan_tiles, read_tile
 
 SLIDE_THUMB_PX = 1024  # longest side of the stored slide thumbnail
+MASK_MAX_PX = 2048     # longest side of the image the tissue mask is computed on
 
 
 @dataclass
@@ -97,6 +98,16 @@ def sample_rows(n: int, k: int, seed: int, slide_id: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
+def _shrink(rgb: np.ndarray, max_px: int) -> np.ndarray:
+    """(h, w, 3) uint8 scaled down so its longest side is at most max_px."""
+    h, w = rgb.shape[:2]
+    f = max_px / max(h, w)
+    if f >= 1:
+        return rgb
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
 def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 80) -> bytes:
     """Encode an (h, w, 3) uint8 image as JPEG, optionally resized to side x side."""
     img = Image.fromarray(rgb)
@@ -126,12 +137,13 @@ class TileStream(IterableDataset):
         try:
             with open_slide(rec.path) as slide:
                 px, warnings = resolve_pixel_size(rec.slide_id, slide.file_mpp, rec.mpp, o.cli_mpp, native=o.native)
+                overview = slide.thumbnail(MASK_MAX_PX)  # read once: tissue mask and stored thumbnail
                 grid = plan_tiles(slide, px.mpp, target_mpp=o.target_mpp, tile_px=o.tile_px,
-                                  stride_px=o.stride_px, min_tissue=o.min_tissue)
+                                  stride_px=o.stride_px, min_tissue=o.min_tissue, thumbnail=overview)
                 n_all = len(grid.coords)
                 rows = sample_rows(n_all, job.sample_tiles, o.seed, rec.slide_id) if job.sample_tiles else \
                     np.arange(n_all, dtype=np.int64)
-                thumb = slide.thumbnail(SLIDE_THUMB_PX)
+                thumb = _shrink(overview, SLIDE_THUMB_PX)
                 w, h = slide.dimensions
                 yield SlidePlan(
                     index=job.index, width=w, height=h, mpp=px.mpp, mpp_source=px.source, warnings=warnings,

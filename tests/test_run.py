@@ -69,7 +69,7 @@ def test_mixed_cohort_reports_broken_and_empty_slides(data_dir, tmp_path):
                                     ("broken", str(data_dir / "bad" / "broken.svs"), "normal")])
     out = tmp_path / "atlas.h5"
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(out),
-                   "--native-resolution", "--min-tissue", "0.1", "--workers", "1", "--no-progress")
+                   "--native-resolution", "--min-tissue", "0.05", "--workers", "1", "--no-progress")
     assert proc.returncode == 1, proc.stderr
     assert "broken" in proc.stderr and "failed" in proc.stderr
     with Atlas(out) as atlas:
@@ -116,7 +116,7 @@ def test_duplicate_ids_name_both_rows(tmp_path, data_dir):
     manifest = _manifest(tmp_path, [("a", p, "x"), ("b", p, "x"), ("a", p, "y")])
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(tmp_path / "o.h5"))
     assert proc.returncode == 2
-    assert "row 2" in proc.stderr and "row 4" in proc.stderr
+    assert "rows 2 and 4" in proc.stderr and "duplicate" in proc.stderr
 
 
 def test_wrong_layer_fails_before_reading_slides_with_suggestions(tmp_path, data_dir):

@@ -1,0 +1,279 @@
+"""Benchmark: the review dashboard on a 1,000,000-tile atlas, measured in headless Chromium.
+
+1. Builds a large atlas through `precompute.store.AtlasWriter` by resampling the real tiles of a
+   small atlas (default /tmp/atlases/breakhis.h5, or --source) with noise: per synthetic slide, tiles
+   of one real slide's diagnosis, with jittered 2-D projection, concept weights and model outputs,
+   their real thumbnails (re-encoded smaller), a thumbnail mosaic and cluster maps. The dashboard
+   never reads embeddings, so they are stored with 8 channels (the file is ~3 GB, 2 GB of it thumbnails).
+2. Starts `streamlit run dashboard/app.py` on it, drives Debian's Chromium with Playwright and reports
+   the time to first render (page load -> scatter drawn, cold = the atlas is read, warm = a second
+   browser session), the latency of each interaction (action -> result drawn and the script idle),
+   and the server's peak resident memory (VmHWM).
+
+    .venv/bin/python bench/dashboard.py                       # build (once) + measure
+    .venv/bin/python bench/dashboard.py --tiles 200000 --slides 400
+
+The atlas goes to bench/out/ (ignored by git) and is reused when present; results are printed and
+written to bench/out/dashboard.json. Targets: first render < 5 s, interactions < 1 s, < 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from precompute.store import Atlas, AtlasWriter  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+GRID = (25, 20)    # tiles per synthetic slide along x, y (500 tiles)
+MOSAIC_PX = 16     # thumbnail px per tile in the synthetic slide thumbnails
+CELLS = 7          # cluster-map cells per tile side (capricorn-crc: 7 x 7 cells of 32 px)
+SCATTER = '[data-testid="stVegaLiteChart"] canvas'  # the overview scatter (canvas past 2,000 marks)
+
+
+# -- building the atlas ---------------------------------------------------------------------
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def build(source: Path, out: Path, n_tiles: int, n_slides: int, seed: int = 0) -> Path:
+    """Write a resampled atlas of about n_tiles tiles in n_slides slides; returns its path."""
+    rng = np.random.default_rng(seed)
+    with Atlas(source) as src:
+        attrs = {k: v for k, v in src.attrs.items() if k not in ("format", "format_version", "n_slides", "n_tiles")}
+        ss = src.slides()
+        cols = ["slide", "weights", "outputs", "probs", "proj", "kmeans_cluster", "tissue_frac", "recon_err"]
+        t = src.tiles(cols)
+        thumbs = src.thumbnails(range(src.n_tiles))
+        k, names = src.k, src.output_names
+        clusters = src.group("clusters")
+        cattrs = src.group_attrs("clusters")
+        protos = src.group("clusters/prototypes")
+        crops = src.ragged("clusters/prototypes", "jpeg")
+    small = []  # re-encoded thumbnails (smaller file) and 16-px versions for the mosaics
+    tiny = np.zeros((len(thumbs), MOSAIC_PX, MOSAIC_PX, 3), np.uint8)
+    for i, b in enumerate(thumbs):
+        im = Image.open(io.BytesIO(b)).convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=60)
+        small.append(buf.getvalue())
+        tiny[i] = np.asarray(im.resize((MOSAIC_PX, MOSAIC_PX)))
+    diag = np.asarray(ss["diagnosis"])
+    by_diag = {d: np.flatnonzero(diag[t["slide"]] == d) for d in np.unique(diag)}
+    per = max(1, n_tiles // n_slides)
+    gx, gy = GRID
+    tile_px = int(attrs.get("config", {}).get("tile_px", 224))
+    attrs["config"] = {**attrs.get("config", {}), "bench": f"resampled from {source.name} with noise"}
+    attrs["command_line"] = f"bench/dashboard.py --tiles {n_tiles} --slides {n_slides} (synthetic)"
+    kmeans, proj = [], []
+    t0 = time.time()
+    with AtlasWriter(out, attrs=attrs, embedding_dim=8, output_names=names, k=k, has_probs=True) as w:
+        for s in range(n_slides):
+            ref = int(rng.integers(len(diag)))
+            pool = by_diag[diag[ref]]
+            rows = pool[rng.integers(len(pool), size=per)]
+            wts = t["weights"][rows] * rng.lognormal(0, 0.25, size=(per, k)).astype(np.float32)
+            logits = t["outputs"][rows] + rng.normal(0, 0.4, size=(per, len(names))).astype(np.float32)
+            pos = np.arange(per)
+            x = (pos % gx) * tile_px
+            y = (pos // gx) * tile_px
+            kmeans.append(t["kmeans_cluster"][rows])
+            proj.append(t["proj"][rows] + rng.normal(0, 0.35, size=(per, 2)).astype(np.float32))
+            tiles = {"x": x, "y": y, "tissue_frac": t["tissue_frac"][rows], "embedding": np.zeros((per, 8), np.float16),
+                     "outputs": logits, "probs": _softmax(logits), "weights": wts, "nmf_cluster": wts.argmax(axis=1),
+                     "recon_err": t["recon_err"][rows], "thumb_jpeg": [small[r] for r in rows]}
+            rows_y = int(np.ceil(per / gx))
+            mosaic = np.zeros((rows_y * MOSAIC_PX, gx * MOSAIC_PX, 3), np.uint8)
+            mosaic[:] = 235
+            hard = np.zeros((rows_y * CELLS, gx * CELLS), np.uint8)
+            soft = np.zeros((k, rows_y * CELLS, gx * CELLS), np.float16)
+            for p_, r in enumerate(rows):
+                cx, cy = p_ % gx, p_ // gx
+                mosaic[cy * MOSAIC_PX:(cy + 1) * MOSAIC_PX, cx * MOSAIC_PX:(cx + 1) * MOSAIC_PX] = tiny[r]
+                hard[cy * CELLS:(cy + 1) * CELLS, cx * CELLS:(cx + 1) * CELLS] = tiles["nmf_cluster"][p_] + 1
+                soft[:, cy * CELLS:(cy + 1) * CELLS, cx * CELLS:(cx + 1) * CELLS] = (wts[p_] / CELLS**2)[:, None, None]
+            row = {"slide_id": f"bench-{s:05d}", "path": f"synthetic/{s}", "diagnosis": diag[ref],
+                   "patient": f"p{s // 4:04d}", "status": "ok", "mpp": 0.5, "mpp_source": "cli",
+                   "width": gx * tile_px, "height": rows_y * tile_px, "tile_l0": tile_px, "cell_l0": tile_px / CELLS}
+            meta = {k_.removeprefix("meta."): str(ss[k_][ref]) for k_ in ss if k_.startswith("meta.")}
+            w.add_slide(row, meta=meta, tiles=tiles,
+                        maps={"thumbnail": mosaic, "tissue": mosaic.mean(axis=2) < 230, "hard": hard, "soft": soft},
+                        map_attrs={"thumb_downsample": tile_px / MOSAIC_PX, "mask_downsample": tile_px / MOSAIC_PX,
+                                   "cell_l0": tile_px / CELLS, "warnings": []})
+            if s % 200 == 0:
+                print(f"  slide {s}/{n_slides} ({time.time() - t0:.0f} s)", flush=True)
+        w.put_tile_column("kmeans_cluster", np.concatenate(kmeans), attrs={"k": k})
+        w.put_tile_column("proj", np.concatenate(proj), attrs={"method": "pca (resampled)"})
+        w.put_group("clusters", {n: clusters[n] for n in ("H", "distances", "cosine_similarity")}, attrs=cattrs)
+        pr = {n: protos[n] for n in ("slide", "tile", "cluster", "weight", "cell_y", "cell_x")}
+        pr["tile"] = pr["slide"].astype(np.int64) * per  # first tile of the same-index synthetic slide
+        pr["jpeg"] = crops
+        w.put_group("clusters/prototypes", pr)
+    print(f"built {out} ({out.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+# -- measuring in the browser ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _idle(page, timeout: float = 60_000) -> None:
+    """Wait until the script is not running and every image and chart has been drawn."""
+    page.wait_for_function(
+        "() => { const a = document.querySelector('[data-testid=stApp]');"
+        " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
+        " && [...document.images].every(i => i.complete)"
+        " && !document.querySelector('[data-testid=stSkeleton]'); }", timeout=timeout)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def _timed(page, action, done_selector: str) -> float:
+    t0 = time.perf_counter()
+    action()
+    page.wait_for_selector(done_selector, timeout=60_000)
+    _idle(page)
+    return time.perf_counter() - t0
+
+
+def measure(atlas: Path, repeats: int = 3) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+                             "--server.port", str(port), "--", "--atlas", str(atlas)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        res: dict = {"interactions": {}}
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            for label in ("first_render_cold_s", "first_render_warm_s"):
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                t0 = time.perf_counter()
+                page.goto(url + "/?page=overview")
+                page.wait_for_selector(SCATTER, timeout=120_000)
+                _idle(page, 120_000)
+                res[label] = time.perf_counter() - t0
+                if label.endswith("cold_s"):
+                    page.close()
+            steps = _interactions(page)
+            for name, (action, done) in steps.items():
+                times = []
+                for _ in range(repeats if name.startswith("brush") else 1):
+                    times.append(_timed(page, action, done))
+                res["interactions"][name] = round(min(times), 3)
+            browser.close()
+        res["server_peak_rss_mb"] = round(_peak_rss_mb(proc.pid), 1)
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _interactions(page) -> dict:
+    """name -> (action, selector that shows its result). Run in this order on one page."""
+    def brush():
+        box = page.locator('[data-testid="stVegaLiteChart"]').first.bounding_box()
+        x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 + box["width"] * 0.12, y0 + box["height"] * 0.15, steps=6)
+        page.mouse.up()
+
+    def select(label: str, option: str):
+        def act():
+            page.locator(f'[data-testid="stSelectbox"]:has(label:text-is("{label}"))').first.click()
+            page.get_by_role("option", name=option, exact=True).click()
+        return act
+
+    def radio(name: str):
+        return lambda: page.locator('[data-testid="stSidebar"]').get_by_text(name, exact=True).click()
+
+    def click_tile():
+        box = page.locator('[data-testid="stVegaLiteChart"]').first.bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45)
+
+    return {
+        "brush_select_and_gallery": (brush, "text=Selection:"),
+        "colour_by_diagnosis": (select("Colour by", "Diagnosis"), 'text="diagnosis"'),
+        "open_cluster_page": (radio("Cluster"), "text=Concept drill-down"),
+        "change_concept": (select("Concept", "C3"), "text=Tiles where C3 dominates"),
+        "open_slides_page": (radio("Slides"), "text=Soft map of every concept"),
+        "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept"),
+        "click_tile": (click_tile, "text=Top outputs:"),
+        "open_enrichment_page": (radio("Diagnosis enrichment"), "text=log2 enrichment"),
+        "back_to_overview": (radio("Overview"), SCATTER),
+    }
+
+
+def _pick_second_slide(page):
+    def act():
+        page.locator('[data-testid="stSelectbox"]').first.click()
+        page.get_by_role("option").nth(1).click()
+    return act
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path("/tmp/atlases/breakhis.h5"))
+    ap.add_argument("--tiles", type=int, default=1_000_000)
+    ap.add_argument("--slides", type=int, default=2_000)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    out = args.out or ROOT / "bench" / "out" / f"dashboard-{args.tiles}.h5"
+    if not out.exists():
+        if not args.source.exists():
+            sys.exit(f"{args.source} not found: build a small atlas first (see docs/dashboard.md) or pass --source")
+        build(args.source, out, args.tiles, args.slides)
+    if not Path(CHROMIUM).exists():
+        sys.exit(f"{CHROMIUM} not found (apt-get install chromium)")
+    res = measure(out, args.repeats)
+    with Atlas(out) as a:
+        res.update(atlas=str(out), tiles=a.n_tiles, slides=a.n_slides, size_gb=round(out.stat().st_size / 1e9, 2))
+    res["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+    for key in ("first_render_cold_s", "first_render_warm_s"):
+        res[key] = round(res[key], 2)
+    print(json.dumps(res, indent=2))
+    (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "out" / "dashboard.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

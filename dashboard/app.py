@@ -1,0 +1,72 @@
+"""Lumen review dashboard (read-only). Launch from the repository root:
+
+    streamlit run dashboard/app.py -- --atlas demo/atlas.h5
+
+dashboard/.streamlit/config.toml binds it to 127.0.0.1 (override with --server.address). The atlas
+path can also come from the LUMEN_ATLAS environment variable. See docs/dashboard.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import state  # noqa: E402
+from dashboard.data import AtlasFormatError, load  # noqa: E402
+from dashboard.views import cluster, enrichment, overview, slide  # noqa: E402
+
+VIEWS = {"overview": overview, "cluster": cluster, "slides": slide, "enrichment": enrichment}
+
+CSS = """<style>
+[data-testid="stCaptionContainer"], [data-testid="stImageCaption"] {font-size: 0.95rem;}
+[data-testid="stMetricValue"] {font-size: 1.9rem;}
+.block-container {padding-top: 2.2rem;}
+</style>"""
+
+USAGE = "streamlit run dashboard/app.py -- --atlas path/to/atlas.h5"
+
+
+def atlas_argument(argv: list[str]) -> str | None:
+    """`--atlas PATH` from the script arguments (after `--`), else $LUMEN_ATLAS."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--atlas")
+    args, _ = parser.parse_known_args([a for a in argv if a != "--"])
+    return args.atlas or os.environ.get("LUMEN_ATLAS")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Lumen atlas", page_icon="🔬", layout="wide")
+    st.markdown(CSS, unsafe_allow_html=True)
+    path = atlas_argument(sys.argv[1:])
+    if not path:
+        st.error(f"No atlas given. Start the dashboard with:\n\n`{USAGE}`")
+        st.stop()
+    try:
+        data = load(path)
+    except AtlasFormatError as exc:
+        st.error(f"**Cannot open the atlas.** {exc}")
+        st.caption(f"Usage: `{USAGE}`")
+        st.stop()
+
+    with st.sidebar:
+        st.title("Lumen")
+        page = state.bound(st.radio, "View", "page", default="overview", options=list(state.PAGES),
+                           format_func=state.PAGES.get)
+        diagnoses = state.bound(st.multiselect, "Diagnosis filter (all views)", "dx", default=[],
+                                options=data.diagnoses, multi=True, placeholder="All diagnoses",
+                                help="Only slides with these diagnoses count in every view. Empty = all.")
+        st.caption(f"Atlas `{data.path.name}`: {data.n_slides} slides, {data.n:,} tiles, K = {data.k}.")
+        st.caption("The address bar holds this view (page, concept, slide, filters, colouring): "
+                   "copy it to reopen the same view.")
+    VIEWS[page].render(data, diagnoses)
+
+
+main()

@@ -1,0 +1,111 @@
+"""Small shared pieces of the pages: downloads, galleries, captions, the concept colour scale."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Callable
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image, ImageDraw
+
+from .colors import concept_colors, concept_label, legend_html
+from .data import AtlasData
+
+GALLERY_MAX = 60
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "lumen"
+
+
+def csv_button(df: pd.DataFrame | Callable[[], pd.DataFrame], name: str, key: str, label: str = "CSV") -> None:
+    """Download button for a table (built only when clicked if `df` is a callable)."""
+    make = df if callable(df) else (lambda: df)
+    st.download_button(f":material/download: {label}", data=lambda: make().to_csv(index=False).encode(),
+                       file_name=f"{_slug(name)}.csv", mime="text/csv", key=key, on_click="ignore")
+
+
+def png_button(png: bytes | Callable[[], bytes], name: str, key: str, label: str = "PNG") -> None:
+    st.download_button(f":material/download: {label}", data=png if callable(png) else (lambda: png),
+                       file_name=f"{_slug(name)}.png", mime="image/png", key=key, on_click="ignore")
+
+
+def concept_scale(k: int) -> alt.Scale:
+    """Altair colour scale mapping 'C1'..'CK' to the fixed concept palette."""
+    return alt.Scale(domain=[concept_label(j) for j in range(k)], range=concept_colors(k))
+
+
+def concept_legend(k: int) -> None:
+    st.markdown(legend_html([concept_label(j) for j in range(k)], concept_colors(k)), unsafe_allow_html=True)
+
+
+def tile_captions(data: AtlasData, rows) -> list[str]:
+    """'slide · C3 · TUM 0.93' for each tile row."""
+    ids = data.slide_ids()
+    names = data.output_names
+    return [f"{ids[data.tile_slide[r]]} · {concept_label(data.nmf[r])} · "
+            f"{names[data.top[r]]} {data.out[r, data.top[r]]:.2f}" for r in rows]
+
+
+def contact_sheet(images: list[bytes], captions: list[str], cols: int = 8, cell: int = 160) -> bytes:
+    """PNG mosaic of JPEG thumbnails with a caption line under each (for gallery downloads)."""
+    n = max(1, len(images))
+    rows = (n + cols - 1) // cols
+    cap_h = 16
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + cap_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (jpg, cap) in enumerate(zip(images, captions)):
+        im = Image.open(io.BytesIO(jpg)).convert("RGB")
+        im.thumbnail((cell - 4, cell - 4))
+        x, y = (i % cols) * cell, (i // cols) * (cell + cap_h)
+        sheet.paste(im, (x + 2, y + 2))
+        draw.text((x + 2, y + cell), cap[:40], fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tile_gallery(data: AtlasData, rows, name: str, key: str, width: int = 120,
+                 captions: list[str] | None = None) -> None:
+    """Thumbnails of `rows` (at most GALLERY_MAX) with captions, plus CSV and PNG downloads."""
+    rows = np.asarray(rows, np.int64)[:GALLERY_MAX]
+    if not len(rows):
+        st.info("No tiles to show.")
+        return
+    caps = captions or tile_captions(data, rows)
+    images = data.thumbnails(rows)
+    st.image(images, caption=caps, width=width)
+    with st.container(horizontal=True):
+        csv_button(lambda: data.tile_table(rows), name, key=f"{key}_csv")
+        png_button(lambda: contact_sheet(images, caps), name, key=f"{key}_png")
+
+
+def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
+    """Total chart height (Streamlit sizes title + axes + plot to it) for n bands of a discrete axis."""
+    return per * max(n, 1) + extra
+
+
+def chart(ch: alt.TopLevelMixin, **kwargs):
+    """st.altair_chart with the app's defaults (full width, Streamlit theme)."""
+    kwargs.setdefault("width", "stretch")
+    return st.altair_chart(ch, **kwargs)
+
+
+def bar(df: pd.DataFrame, x: str, y: str, *, color: str | None = None, scale: alt.Scale | None = None,
+        title: str = "", height: int = 260, sort="-y", horizontal: bool = False, tooltip=None,
+        x_title: str | None = None, y_title: str | None = None) -> alt.Chart:
+    """A plain bar chart; `color` + `scale` colour bars by a field (e.g. concept with concept_scale)."""
+    enc_x = alt.X(f"{x}:N", sort=sort, title=x_title if x_title is not None else x, axis=alt.Axis(labelAngle=0))
+    enc_y = alt.Y(f"{y}:Q", title=y_title if y_title is not None else y)
+    if horizontal:
+        enc_x, enc_y = (alt.X(f"{y}:Q", title=y_title if y_title is not None else y),
+                        alt.Y(f"{x}:N", sort=sort.replace("y", "x") if isinstance(sort, str) else sort,
+                              title=x_title if x_title is not None else x))
+    enc = {"x": enc_x, "y": enc_y, "tooltip": tooltip or [x, alt.Tooltip(y, format=".3g")]}
+    if color:
+        enc["color"] = alt.Color(f"{color}:N", scale=scale or alt.Undefined, legend=None)
+    return alt.Chart(df, title=title).mark_bar().encode(**enc).properties(height=height)

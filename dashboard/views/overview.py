@@ -1,0 +1,274 @@
+"""Overview: cohort summary, how the atlas was computed, and the scatter of all tiles.
+
+The scatter is a density image of every selected tile plus at most 20,000 sampled points; a brush
+(drag) or a click selects tiles, resolved here against all tiles, and shows them in a gallery.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from .. import raster, state, ui
+from ..colors import VIRIDIS_HEX, concept_colors, concept_label, diagnosis_colors
+from ..data import AtlasData
+
+COLOR_MODES = {"nmf": "NMF concept", "kmeans": "k-means cluster", "diagnosis": "Diagnosis",
+               "slide": "Slide", "output": "Model output"}
+
+
+def render(data: AtlasData, diagnoses: list[str]) -> None:
+    st.header("Overview")
+    _summary(data)
+    st.divider()
+    _scatter(data, diagnoses)
+
+
+# -- summary ------------------------------------------------------------------------------
+def cohort_table(data: AtlasData) -> pd.DataFrame:
+    """Slides and tiles by diagnosis and status."""
+    s = data.slides
+    t = pd.crosstab(s["diagnosis"], s["status"])
+    for col in ("ok", "no_tissue", "failed"):
+        if col not in t:
+            t[col] = 0
+    t = t[["ok", "no_tissue", "failed"]]
+    t.insert(0, "slides", t.sum(axis=1))
+    t["tiles"] = s.groupby("diagnosis")["n_tiles"].sum()
+    if "patient" in s and (s["patient"] != "").any():
+        t["patients"] = s[s["patient"] != ""].groupby("diagnosis")["patient"].nunique()
+        t["patients"] = t["patients"].fillna(0).astype(int)
+    return t.reset_index()
+
+
+def _summary(data: AtlasData) -> None:
+    a, cfg, s = data.attrs, data.attrs.get("config", {}) or {}, data.slides
+    status = s["status"].value_counts()
+    cols = st.columns(5)
+    cols[0].metric("Slides", f"{len(s):,}")
+    cols[1].metric("Tiles", f"{data.n:,}")
+    cols[2].metric("Concepts (K)", data.k)
+    cols[3].metric("No tissue", int(status.get("no_tissue", 0)))
+    cols[4].metric("Failed", int(status.get("failed", 0)))
+    shape = a.get("layer_shape", [])
+    shape = " × ".join(str(v) for v in shape) if isinstance(shape, list) else str(shape)
+    st.markdown(f"Model **`{a.get('model_source', '?')}`**, layer **`{a.get('layer', '?')}`** ({shape}), "
+                f"{len(data.output_names)} outputs ({data.out_label}); computed {a.get('created_utc', '?')} "
+                f"on {a.get('device', '?')}.")
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Cohort")
+        table = cohort_table(data)
+        st.dataframe(table, hide_index=True, width="stretch")
+        ui.csv_button(table, "cohort", key="dl_cohort")
+        bad = s[s["status"] != "ok"][["slide_id", "diagnosis", "status", "error", "path"]]
+        if len(bad):
+            with st.expander(f"{len(bad)} slide(s) without tiles (failed or no tissue)"):
+                st.dataframe(bad, hide_index=True, width="stretch")
+    with right:
+        st.subheader("How it was computed")
+        fit = a.get("fit", {}) or {}
+        rows = {
+            "created (UTC)": a.get("created_utc", ""),
+            "tool version": a.get("tool_version", ""),
+            "device": a.get("device", ""),
+            "model sha256": str(a.get("model_sha256", ""))[:16] + "…",
+            "layer shape (C × h × w)": shape,
+            "tile / stride (px)": f"{cfg.get('tile_px', '?')} / {cfg.get('stride_px', '?')}",
+            "target mpp (µm/px)": cfg.get("target_mpp", ""),
+            "projection": cfg.get("projection", ""),
+            "NMF relative error": f"{fit['nmf_relative_error']:.3f}" if "nmf_relative_error" in fit else "",
+            "seed": cfg.get("seed", ""),
+        }
+        st.dataframe(pd.DataFrame({"": list(rows), "value": [str(v) for v in rows.values()]}),
+                     hide_index=True, width="stretch")
+        st.code(a.get("command_line", ""), language="bash", wrap_lines=True)
+        with st.expander("Full configuration"):
+            st.json({"config": cfg, "fit": fit}, expanded=False)
+
+
+# -- scatter ------------------------------------------------------------------------------
+def _color_spec(data: AtlasData, mode: str):
+    """(category codes (n,), category labels) for categorical colourings, else (None, None)."""
+    if mode == "nmf":
+        return data.nmf, [concept_label(j) for j in range(data.k)]
+    if mode == "kmeans":
+        kk = int(data.kmeans.max()) + 1 if len(data.kmeans) else 0
+        return data.kmeans, [concept_label(j, "K") for j in range(kk)]
+    if mode == "diagnosis":
+        return data.tile_diag, list(data.diagnoses)
+    return None, None
+
+
+def _output_range(data: AtlasData, output: int) -> tuple[float, float]:
+    if data.out_kind == "probs":
+        return 0.0, 1.0
+    v = data.out[:, output]
+    return (float(np.percentile(v, 1)), float(np.percentile(v, 99))) if len(v) else (0.0, 1.0)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _layers(key: str, mode: str, output: int, dx: tuple[str, ...], _data: AtlasData):
+    """Density PNG of all filtered tiles and the sampled points table (cached per view)."""
+    data = _data
+    mask = data.tile_mask(list(dx))
+    ext = raster.extent(data.proj)
+    bins = raster.bins_for(data.n)
+    cells = raster.bin_index(data.proj[mask], ext, bins)
+    codes, labels = _color_spec(data, mode)
+    if codes is not None:
+        colors = concept_colors(len(labels)) if mode in ("nmf", "kmeans") else diagnosis_colors(labels)
+        img = raster.density_rgba(cells, bins, categories=codes[mask], colors=colors)
+    elif mode == "output":
+        img = raster.density_rgba(cells, bins, values=data.out[mask, output], vrange=_output_range(data, output))
+    else:
+        img = raster.density_rgba(cells, bins)
+    rows = raster.sample_rows(data.permutation(), mask)
+    ids = data.slide_ids()
+    pts = pd.DataFrame({
+        "row": rows, "px": data.proj[rows, 0], "py": data.proj[rows, 1],
+        "slide": ids[data.tile_slide[rows]],
+        "concept": [concept_label(c) for c in data.nmf[rows]],
+        "diagnosis": np.array(data.diagnoses, dtype=object)[data.tile_diag[rows]],
+        "top output": np.array(data.output_names, dtype=object)[data.top[rows]],
+        "value": data.out[rows, data.top[rows]],
+    })
+    if mode == "kmeans":
+        pts["kmeans"] = [concept_label(c, "K") for c in data.kmeans[rows]]
+    if mode == "output":
+        pts["output"] = data.out[rows, output]
+    return raster.png_bytes(img), pts, ext, int(mask.sum())
+
+
+def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int):
+    x0, x1, y0, y1 = ext
+    xs = alt.Scale(domain=[x0, x1], nice=False, zero=False)
+    ys = alt.Scale(domain=[y0, y1], nice=False, zero=False)
+    image = alt.Chart(pd.DataFrame({"url": [raster.data_url(png)], "x": [x0], "x2": [x1], "y": [y1], "y2": [y0]})
+                      ).mark_image(aspect=False).encode(
+        x=alt.X("x:Q", scale=xs, title="projection 1"), x2="x2:Q",
+        y=alt.Y("y:Q", scale=ys, title="projection 2"), y2="y2:Q", url="url:N")
+    if mode == "nmf":
+        color = alt.Color("concept:N", scale=ui.concept_scale(data.k), title="concept")
+    elif mode == "kmeans":
+        kk = int(data.kmeans.max()) + 1
+        color = alt.Color("kmeans:N", title="k-means", scale=alt.Scale(
+            domain=[concept_label(j, "K") for j in range(kk)], range=concept_colors(kk)))
+    elif mode == "diagnosis":
+        color = alt.Color("diagnosis:N", title="diagnosis",
+                          scale=alt.Scale(domain=data.diagnoses, range=diagnosis_colors(data.diagnoses)))
+    elif mode == "slide":
+        color = alt.Color("slide:N", scale=alt.Scale(scheme="category20"),
+                          legend=alt.Legend(title="slide") if data.n_slides <= 20 else None)
+    else:
+        lo, hi = _output_range(data, output)
+        color = alt.Color("output:Q", title=data.output_names[output],
+                          scale=alt.Scale(domain=[lo, hi], range=VIRIDIS_HEX, clamp=True))
+    brush = alt.selection_interval(name="brush", encodings=["x", "y"])
+    pick = alt.selection_point(name="pick", fields=["row"], on="click", clear="dblclick")
+    size = 70 if len(pts) < 2_000 else 30 if len(pts) < 8_000 else 14
+    points = alt.Chart(pts).mark_circle(size=size, opacity=0.8, stroke="white", strokeWidth=0.2).encode(
+        x=alt.X("px:Q", scale=xs), y=alt.Y("py:Q", scale=ys), color=color,
+        tooltip=["slide", "diagnosis", "concept", "top output", alt.Tooltip("value:Q", format=".2f")],
+    ).add_params(brush, pick)
+    return alt.layer(image, points).properties(height=680).configure_legend(
+        labelFontSize=15, titleFontSize=15, symbolSize=180).configure_axis(labelFontSize=14, titleFontSize=15)
+
+
+def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
+    st.subheader("All tiles")
+    if data.proj is None or data.n == 0:
+        st.info("This atlas has no 2-D projection of its tiles (or no tiles), so there is no scatter to show.")
+        return
+    modes = [m for m in COLOR_MODES if m != "kmeans" or data.kmeans is not None]
+    c1, c2, _ = st.columns([2, 2, 3])
+    with c1:
+        mode = state.bound(st.selectbox, "Colour by", "color", default="nmf", options=modes,
+                           format_func=COLOR_MODES.get)
+    output = 0
+    if mode == "output":
+        with c2:
+            output = state.bound(st.selectbox, "Model output", "output", default=_default_output(data),
+                                 options=list(range(len(data.output_names))), parse=int,
+                                 format_func=lambda i: data.output_names[i])
+    png, pts, ext, n_shown = _layers(data.key, mode, output, tuple(diagnoses), data)
+    if n_shown == 0:
+        st.info("No tiles match the diagnosis filter.")
+        return
+    event = ui.chart(_scatter_chart(data, png, pts, ext, mode, output), on_select="rerun",
+                     selection_mode=["brush", "pick"], key=f"scatter_{mode}_{output}")
+    st.caption(f"Density image: all {n_shown:,} tiles in the filter; points: {len(pts):,} of them "
+               f"(a fixed random sample, at most {raster.MAX_POINTS:,}). Drag to select a region (resolved "
+               "against all tiles), click a point to pick one tile, double-click to clear. "
+               "Chart toolbar (top right): Download as PNG.")
+    if mode == "nmf":
+        ui.concept_legend(data.k)
+    ui.csv_button(pts, f"scatter-points-{mode}", key="dl_points", label="CSV of the drawn points")
+    _selection(data, diagnoses, event)
+    _concept_sizes(data, diagnoses)
+
+
+def _default_output(data: AtlasData) -> int:
+    names = data.output_names
+    return names.index("TUM") if "TUM" in names else 0
+
+
+def _selection(data: AtlasData, diagnoses: list[str], event) -> None:
+    sel = (event or {}).get("selection", {}) if event else {}
+    box = sel.get("brush") or {}
+    picked = [int(p["row"]) for p in sel.get("pick") or [] if "row" in p]
+    if picked:
+        st.markdown("**Picked tile**")
+        ui.tile_gallery(data, picked[:1], "picked-tile", key="gal_pick", width=200)
+    if not box or "px" not in box or "py" not in box:
+        return
+    mask = data.tile_mask(diagnoses)
+    rows = raster.rows_in_box(data.proj, mask, box["px"], box["py"])
+    st.markdown(f"**Selection: {len(rows):,} tiles** (all tiles in the box, not only the drawn points)")
+    if not len(rows):
+        return
+    sel_mask = np.zeros(data.n, bool)
+    sel_mask[rows] = True
+    c1, c2 = st.columns(2)
+    comp = pd.DataFrame({"concept": [concept_label(j) for j in range(data.k)],
+                         "tiles": np.bincount(data.nmf[rows], minlength=data.k)})
+    with c1:
+        ui.chart(ui.bar(comp, "concept", "tiles", color="concept", scale=ui.concept_scale(data.k),
+                        title="Selected tiles by dominant concept", sort=None, height=300))
+    by_dx = pd.DataFrame({"diagnosis": data.diagnoses,
+                          "tiles": np.bincount(data.tile_diag[rows], minlength=len(data.diagnoses))})
+    with c2:
+        ui.chart(ui.bar(by_dx, "diagnosis", "tiles", color="diagnosis", title="Selected tiles by diagnosis",
+                        scale=alt.Scale(domain=data.diagnoses, range=diagnosis_colors(data.diagnoses)),
+                        sort=None, height=300))
+    shown = raster.sample_rows(data.permutation(), sel_mask, ui.GALLERY_MAX)
+    st.caption(f"Gallery: {len(shown)} of the {len(rows):,} selected tiles (random); caption: slide · concept · "
+               f"top model output and its {data.out_label}. CSV = these tiles; the full selection below.")
+    ui.tile_gallery(data, shown, "selection-gallery", key="gal_sel")
+    ui.csv_button(lambda: data.tile_table(rows), "selection-all-tiles", key="dl_sel_all",
+                  label=f"CSV of all {len(rows):,} selected tiles")
+
+
+def _concept_sizes(data: AtlasData, diagnoses: list[str]) -> None:
+    st.subheader("Concepts")
+    mask = data.slide_mask(diagnoses)
+    w = data.slide_weight[mask].sum(axis=0)
+    n = data.slide_count[mask].sum(axis=0)
+    df = pd.DataFrame({"concept": [concept_label(j) for j in range(data.k)], "tiles": n,
+                       "weight_share": w / w.sum() if w.sum() > 0 else np.zeros(data.k)})
+    pick = alt.selection_point(name="open", fields=["concept"], on="click")
+    ch = ui.bar(df, "concept", "tiles", color="concept", scale=ui.concept_scale(data.k), sort=None, height=320,
+                title="Tiles per dominant concept — click a bar to open the concept",
+                tooltip=["concept", "tiles", alt.Tooltip("weight_share:Q", format=".1%")]).add_params(pick)
+    ui.chart(ch, on_select=_open_concept, selection_mode="open", key="concept_bars")
+    ui.csv_button(df, "concept-sizes", key="dl_sizes")
+
+
+def _open_concept() -> None:
+    """Callback of the concept bar chart: switch to the drill-down of the clicked concept."""
+    sel = st.session_state.get("concept_bars", {}).get("selection", {}).get("open") or []
+    if sel and "concept" in sel[0]:
+        state.go(page="cluster", cluster=int(str(sel[0]["concept"]).lstrip("C")))
+

@@ -1,0 +1,63 @@
+"""A small real atlas for the dashboard tests, built once per test session.
+
+Cohort: 4 benign + 4 malignant BreakHis images (two patients), the CMU slide (diagnosis "squamous"),
+small.svs (ends as "no tissue") and broken.svs (ends as "failed"), all from ../shared/data, run
+through `python -m precompute run` with the built-in capricorn-crc model on the CPU (about a minute).
+
+Set LUMEN_DASHBOARD_TEST_ATLAS to an atlas built with `build_atlas` to skip the build while iterating.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+BREAKHIS_ROWS = (1, 2, 3, 4, 17, 18, 19, 20)  # 1-based data rows of the BreakHis manifest
+
+
+def write_manifest(data: Path, out: Path) -> Path:
+    """Manifest (absolute paths) of the mini cohort described in the module docstring."""
+    lines = (data / "cohort" / "breakhis" / "manifest.csv").read_text().splitlines()
+    rows = ["slide_id,path,diagnosis,subtype,patient"]
+    for i in BREAKHIS_ROWS:
+        sid, path, diag, subtype, patient = lines[i].split(",")
+        rows.append(",".join([sid, str(data / "cohort" / "breakhis" / path), diag, subtype, patient]))
+    rows.append(f"cmu,{data / 'slides' / 'CMU-1-Small-Region.svs'},squamous,epithelium,cmu")
+    rows.append(f"small,{data / 'slides' / 'small.svs'},squamous,epithelium,cmu")
+    rows.append(f"broken,{data / 'bad' / 'broken.svs'},squamous,epithelium,cmu")
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def build_atlas(data: Path, folder: Path) -> Path:
+    """Run the pipeline on the mini cohort into folder/atlas.h5 (reused when already there)."""
+    atlas = folder / "atlas.h5"
+    if atlas.exists():
+        return atlas
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(data, folder / "manifest.csv")
+    proc = subprocess.run(
+        [sys.executable, "-m", "precompute", "run", "--cohort", str(manifest), "--model", "capricorn-crc",
+         "--out", str(atlas), "--mpp", "0.5", "--min-tissue", "0", "--workers", "1", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    # exit code 1 = finished with failed slides (broken.svs is meant to fail)
+    assert proc.returncode in (0, 1) and atlas.exists(), proc.stdout + proc.stderr
+    return atlas
+
+
+@pytest.fixture(scope="session")
+def dash_atlas(tmp_path_factory) -> Path:
+    """Path of the mini atlas (one build per session, shared by every dashboard test module)."""
+    given = os.environ.get("LUMEN_DASHBOARD_TEST_ATLAS")
+    if given:
+        return Path(given)
+    if not DATA.is_dir():
+        pytest.skip(f"real test data not found at {DATA} (a plain clone has no ../shared/data)")
+    return build_atlas(DATA, tmp_path_factory.getbasetemp() / "dashboard-atlas")
