@@ -79,8 +79,9 @@ class LayerProbe:
             # layers after this one (parameters do not require grad), and the leaf's gradient is the
             # gradient of the output with respect to this layer.
             self.grad_ref = a.detach().clone().requires_grad_(True)
-            replaced = self.grad_ref if not isinstance(output, (tuple, list)) else \
-                type(output)([self.grad_ref, *output[1:]])
+            passed_on = self.grad_ref * 1  # a non-leaf copy: the model may modify it in place (ReLU)
+            replaced = passed_on if not isinstance(output, (tuple, list)) else \
+                type(output)([passed_on, *output[1:]])
             a = self.grad_ref.detach()
         a = a.float()
         if self.relu:
@@ -126,6 +127,33 @@ def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int
         raise ValueError(f"the layer's output is {shapes[0] if shapes else 'never produced'}; "
                          "choose a layer with a (N, C, h, w) output (see `python -m precompute layers`).")
     return shapes[0][1], shapes[0][2], shapes[0][3]
+
+
+def output_count(model: torch.nn.Module, input_px: int) -> int:
+    """Number of model outputs (columns of _outputs_2d) for one tile, from a CPU dry run."""
+    with torch.inference_mode():
+        return int(_outputs_2d(model(torch.zeros(1, 3, input_px, input_px))).shape[1])
+
+
+def resolve_output(wanted: str | None, names: list[str], n_outputs: int) -> tuple[int | None, str]:
+    """Which output the fidelity statistics explain: a name or index the user gave; else 'TUM' when the
+    model has it (the demo), the only or the positive (last of two) output; else None (not computed)."""
+    names = list(names) if names and len(names) == n_outputs else [f"out_{i}" for i in range(n_outputs)]
+    if wanted is not None:
+        if wanted.lstrip("-").isdigit() and -n_outputs <= int(wanted) < n_outputs:
+            i = int(wanted) % n_outputs
+            return i, names[i]
+        lower = [n.lower() for n in names]
+        if wanted.lower() in lower:
+            i = lower.index(wanted.lower())
+            return i, names[i]
+        raise ValueError(f"--explain {wanted!r}: the model has {n_outputs} outputs: "
+                         f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}. Give one of these names or indices.")
+    if "TUM" in names:
+        return names.index("TUM"), "TUM"
+    if n_outputs <= 2:
+        return n_outputs - 1, names[n_outputs - 1]
+    return None, ""
 
 
 def _outputs_2d(y) -> torch.Tensor:

@@ -98,6 +98,15 @@ def run(
     std: Optional[str] = typer.Option(None, "--std", help="Override per-channel std, e.g. 0.229,0.224,0.225."),
     output_activation: str = typer.Option("auto", "--output-activation", help="Probabilities from outputs: "
                                           "auto (softmax, or sigmoid for one output), softmax, sigmoid, none."),
+    explain: Optional[str] = typer.Option(None, "--explain", help="Model output (name or index) the fidelity "
+                                          "statistics explain. Default: TUM for the demo model, the only or "
+                                          "positive output of one- and two-output models."),
+    gradcam: bool = typer.Option(False, "--gradcam/--no-gradcam", help="Compute GradCAM of the explained output "
+                                 "in the full pass (costs a backward pass) and correlate it with each concept."),
+    positive_threshold: float = typer.Option(0.5, "--positive-threshold", min=0.0, max=1.0,
+                                             help="Probability above which a tile counts as called positive."),
+    k_grid: str = typer.Option("4,6,8,10", "--k-grid", help="K values compared on the calibration sample "
+                               "(comma-separated; empty to skip)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress bars."),
 ) -> None:
     """Compute an atlas: tiles -> activations -> NMF concepts -> cluster maps -> atlas.h5.
@@ -110,15 +119,27 @@ def run(
                    concepts=concepts, projection=projection, seed=seed, calib_tiles=calib_tiles,
                    calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
                    workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
-                   output_activation=output_activation, progress=progress)
+                   output_activation=output_activation, explain=explain, gradcam=gradcam,
+                   positive_threshold=positive_threshold, k_grid=k_grid, progress=progress)
     raise typer.Exit(code)
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = (0,)
+    if any(v < 2 for v in values):
+        _fail(f"{name} needs comma-separated whole numbers >= 2, e.g. 4,6,8,10; got {text!r}")
+    return values
 
 
 def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, kmeans_k=None, tile_px=None,
             stride_px=None, target_mpp=0.5, mpp=None, native_resolution=False, min_tissue=0.25, edge_cells=0,
             relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=8,
             max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
-            mean=None, std=None, output_activation="auto", progress=True) -> int:
+            mean=None, std=None, output_activation="auto", explain=None, gradcam=False, positive_threshold=0.5,
+            k_grid="4,6,8,10", progress=True) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
     import os
 
@@ -149,14 +170,16 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
                     target_mpp=target_mpp, cli_mpp=mpp, native_resolution=native_resolution, min_tissue=min_tissue,
                     edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
                     calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,
-                    output_activation=output_activation, batch_size=batch_size, workers=workers, device=device)
+                    output_activation=output_activation, gradcam=gradcam, positive_threshold=positive_threshold,
+                    k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
     out = out.expanduser().resolve()
     if out.exists() and out.is_dir():
         _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")
     bars = PassProgress(console, enabled=progress and console.is_terminal)
     try:
         with bars:
-            summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, say=console.print,
+            summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, explain=explain,
+                                   say=console.print,
                                    progress=bars, command_line=" ".join(shlex.quote(a) for a in sys.argv))
     except (ConfigError, ModelError, ValueError) as exc:
         _fail(str(exc))
@@ -221,6 +244,32 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
         typer.echo(format_summary(summary))
+
+
+@app.command()
+def report(
+    atlas: Path = typer.Argument(..., help="Atlas file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+) -> None:
+    """Fidelity: how much of the model's output the concepts explain, GradCAM agreement, the K grid."""
+    from .report import format_report, report_dict
+    from .store import AtlasFormatError
+
+    try:
+        d = report_dict(atlas)
+    except AtlasFormatError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(d, indent=2, default=_json_default) if as_json else format_report(d))
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 @app.command()

@@ -107,8 +107,8 @@ def nndsvd(
     V's device. The top-k singular triplets come from a seeded randomized SVD (range finder
     with `oversample` extra directions and `n_power_iter` power iterations), like
     scikit-learn's init="nndsvd"; the result does not depend on the signs the SVD picks. Two
-    power iterations are plenty for a start point (the NMF error after convergence is the
-    same as with scikit-learn's seven) and each one costs as much as an NMF iteration.
+    power iterations are plenty for a start point (on real activations the converged NMF error
+    is the same as with scikit-learn's seven), and each one costs about two NMF iterations.
     """
     n, c = V.shape
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -336,6 +336,8 @@ def make_nonnegative(
         raise ValueError(f"X must be a 2-D (rows, channels) matrix, got shape {X.shape}.")
     n, c = X.shape
     if stats is None:
+        if not 0 <= low_pct < 25:
+            raise ValueError(f"low_pct is a percentile in percent, below the lower quartile; got {low_pct}.")
         if n == 0:
             raise ValueError("X has no rows; cannot estimate per-channel percentiles.")
         rows = np.arange(n)

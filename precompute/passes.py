@@ -20,6 +20,7 @@ import torch
 from .activations import Concepts, Engine, stream_slides
 from .cohort import SlideRecord
 from .config import RunConfig
+from .fidelity import cam_cluster_correlation
 from .parts import part_name, save_part
 from .stitching import CellCanvas, PrototypeHeap
 from .tile_stream import SlideEnd, SlideFailed, SlideJob, SlidePlan, TileBatch, TileStream, TilingOptions
@@ -94,6 +95,9 @@ class _SlideFull:
                                  cfg.edge_cells)
         self.protos = PrototypeHeap(k, cfg.prototypes_per_cluster)
         self.min = np.inf
+        self.cam_canvas = CellCanvas(plan.width, plan.height, cell_l0, 1, (layer.h, layer.w), stride_cells,
+                                     cfg.edge_cells) if cfg.gradcam else None
+        self.cam_r: list[np.ndarray] = []
 
 
 def run_pass(kind: str, jobs: list[SlideJob], records_by_index: dict[int, SlideRecord], engine: Engine,
@@ -135,6 +139,9 @@ def run_pass(kind: str, jobs: list[SlideJob], records_by_index: dict[int, SlideR
                 acc.thumbs.extend(msg.thumbs)
                 acc.canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], cw)
                 acc.protos.offer(msg.start, msg.pixels.numpy(), cw)
+                if "gradcam" in res:
+                    acc.cam_canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], res["gradcam"][..., None])
+                    acc.cam_r.append(cam_cluster_correlation(res["gradcam"], cw))
             acc.min = min(acc.min, float(res["min"]))
             on_tiles(n)
         elif isinstance(msg, SlideEnd):
@@ -198,6 +205,9 @@ def _full_arrays(acc: _SlideFull, layer: LayerInfo, k: int) -> dict:
     }
     if p["probs"]:
         arrays["probs"] = _cat(p["probs"], n_out, np.float32)
+    if acc.cam_canvas is not None:
+        arrays["gradcam"] = acc.cam_canvas.finish()[0][0]
+        arrays["gradcam_r"] = _cat(acc.cam_r, k, np.float32)
     for name, value in acc.protos.arrays().items():
         arrays[f"proto_{name}"] = value
     return arrays

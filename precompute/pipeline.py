@@ -7,7 +7,9 @@ kill, or with more slides) redoes only what is missing, failed, or was made with
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,13 +19,14 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .activations import Concepts, Engine, layer_geometry, pick_device
+from .activations import Engine, layer_geometry, output_count, pick_device, resolve_output
 from .assemble import build_atlas
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
 from .concepts import (CONCEPTS_FILE, concepts_from_atlas, concepts_sha, fit_concepts, load_concepts,
                        pool_cells, save_concepts)
 from .config import RunConfig
+from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
 from .parts import is_done, part_name, read_part_attrs, save_part
 from .passes import LayerInfo, PassStats, run_pass
@@ -80,7 +83,7 @@ def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
 
 
 def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
-        concepts_from: Path | None = None, say: Callable[[str], None] = print,
+        concepts_from: Path | None = None, explain: str | None = None, say: Callable[[str], None] = print,
         progress: PassProgress | None = None, command_line: str = "") -> RunSummary:
     """Run the whole job. Raises ConfigError before any slide is read when settings cannot work."""
     t0 = time.perf_counter()
@@ -88,6 +91,11 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     c, h, w = layer_geometry(loaded.module, layer_mod, cfg.tile_px)
     layer = LayerInfo(c, h, w, cfg.tile_px)
     check_geometry(cfg, layer)
+    n_out = output_count(loaded.module, cfg.tile_px)
+    out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
+    if cfg.gradcam and out_index is None:
+        raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
+    cfg = dataclasses.replace(cfg, explain_output=out_index)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -209,7 +217,14 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
         }
         say("writing the atlas")
-        facts = build_atlas(out, records, slide_paths, concepts, cfg, root, (h, w), say)
+        fidelity = None
+        if out_index is not None:
+            calib_parts = [] if concepts_from is not None else ok_calib
+            fidelity = functools.partial(write_fidelity, cfg=cfg, concepts=concepts, calib_parts=calib_parts,
+                                         output_index=out_index, output_name=out_name, say=say)
+        else:
+            say("note: no output to explain was chosen (--explain), so fidelity statistics are skipped")
+        facts = build_atlas(out, records, slide_paths, concepts, cfg, root, (h, w), say, fidelity)
         summary.atlas = out
         summary.tiles = facts["tiles"]
         summary.facts = facts

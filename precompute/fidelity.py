@@ -1,0 +1,390 @@
+"""How faithful are the concepts? Statistics that relate the NMF concepts to the model's behaviour.
+
+Three measurements, after the seed paper's evaluation (docs: DESIGN.md section 2.6):
+
+- output regression: linear regression of one model output (a logit) on the per-tile summed
+  concept weights. The signed coefficients say which concepts push the output up or down; R^2 says
+  how much of the output the concepts explain, in-sample and cross-validated with all tiles of a
+  slide (or patient) in the same fold, so near-duplicate tiles of one slide cannot leak across folds.
+- GradCAM agreement: per tile, Pearson r between the GradCAM map and each concept's weight map,
+  both at the hooked layer's cell resolution; summarised per concept over all tiles and over the
+  tiles the model calls positive.
+- K grid: NMF and k-means fitted for a few K on the calibration cells, with reconstruction error and
+  output-regression R^2 per K, to help choose K.
+
+Pure numpy / scikit-learn: no torch here, so the dashboard can import it. The GradCAM maps come from
+the full pass; a torch NMF can be passed to `k_grid` as a callable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import NMF
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression
+from sklearn.model_selection import GroupKFold
+
+if TYPE_CHECKING:
+    from .store import Atlas
+
+__all__ = [
+    "cam_cluster_correlation",
+    "choose_output",
+    "fidelity_from_atlas",
+    "k_grid",
+    "nnls_batch",
+    "output_regression",
+    "pearson_rows",
+    "positive_tiles",
+    "r2_score",
+    "summarise_cam_correlation",
+]
+
+_ROWS = 8192  # rows per chunk when streaming calibration cells, so no (n, C) float64 temporary appears
+
+
+# ----------------------------------------------------------------------------------------
+# Correlation with GradCAM
+# ----------------------------------------------------------------------------------------
+
+def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre x (N, P, ...) over axis 1 in float64. Returns (centred x, constant mask (N, ...)).
+
+    Constancy is tested exactly (max == min) rather than by a small variance: the float mean of
+    identical values need not equal them, which would turn a constant row into noise, not NaN.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    const = x.max(axis=1) == x.min(axis=1)
+    return x - x.mean(axis=1, keepdims=True), const
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each row of a with the same row of b.
+
+    a, b: (N, P). Returns (N,) float64 in [-1, 1]; NaN where either row is constant (r is undefined
+    there: e.g. a GradCAM map that is all zero, or a concept absent from the tile) or holds NaN.
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"pearson_rows needs two (N, P) arrays of the same shape, got {a.shape} and {b.shape}.")
+    ac, a_const = _centre(a)
+    bc, b_const = _centre(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (ac * bc).sum(axis=1) / np.sqrt((ac * ac).sum(axis=1) * (bc * bc).sum(axis=1))
+    r[a_const | b_const] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def cam_cluster_correlation(cam: np.ndarray, cell_weights: np.ndarray) -> np.ndarray:
+    """Per tile, Pearson r between the GradCAM map and each concept's weight map.
+
+    cam: (B, h, w) GradCAM at the hooked layer's cells; cell_weights: (B, h, w, K) per-cell NNLS
+    weights. Returns (B, K) float32; NaN where the CAM or the concept's map is constant on the tile.
+    """
+    cam = np.asarray(cam)
+    cw = np.asarray(cell_weights)
+    if cam.ndim != 3 or cw.ndim != 4 or cam.shape != cw.shape[:3]:
+        raise ValueError(f"cam must be (B, h, w) and cell_weights (B, h, w, K) on the same cells; got "
+                         f"{cam.shape} and {cw.shape}.")
+    b, h, w, k = cw.shape
+    cc, c_const = _centre(cam.reshape(b, h * w))           # (B, P), (B,)
+    wc, w_const = _centre(cw.reshape(b, h * w, k))         # (B, P, K), (B, K)
+    num = np.einsum("bp,bpk->bk", cc, wc)
+    den = np.sqrt((cc * cc).sum(axis=1)[:, None] * (wc * wc).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / den
+    r[c_const[:, None] | w_const] = np.nan
+    return np.clip(r, -1.0, 1.0).astype(np.float32)
+
+
+def _nan_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column mean, population std (ddof=0) and count of the finite values of x (N, K).
+    Mean and std are NaN for a column without finite values (no warning)."""
+    ok = np.isfinite(x)
+    n = ok.sum(axis=0)
+    x0 = np.where(ok, x, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x0.sum(axis=0) / n
+        std = np.sqrt((np.where(ok, x - mean, 0.0) ** 2).sum(axis=0) / n)
+    return mean, std, n.astype(np.int64)
+
+
+def summarise_cam_correlation(r: np.ndarray, positive: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-concept summary of per-tile GradCAM correlations.
+
+    r: (N, K) per-tile r (NaN = undefined on that tile, ignored); positive: (N,) bool, the tiles the
+    model calls positive. Returns (K,) arrays: r_mean, r_std (population std), n (tiles with a
+    defined r) over all tiles, and r_pos_mean, r_pos_std, n_pos over the positive tiles.
+    Means and stds are NaN where a concept has no defined r.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    if r.ndim != 2 or positive.shape != (r.shape[0],):
+        raise ValueError(f"r must be (N, K) and positive (N,); got {r.shape} and {positive.shape}.")
+    mean, std, n = _nan_stats(r)
+    pmean, pstd, pn = _nan_stats(r[positive])
+    return {"r_mean": mean, "r_std": std, "n": n, "r_pos_mean": pmean, "r_pos_std": pstd, "n_pos": pn}
+
+
+def positive_tiles(outputs: np.ndarray, probs: np.ndarray | None, index: int, threshold: float) -> np.ndarray:
+    """Tiles the model calls positive for output `index`: probability >= threshold.
+
+    outputs: (N, O) logits; probs: (N, O) stored probabilities, or None, in which case the
+    probability is the sigmoid of the logit. Returns (N,) bool.
+    """
+    if probs is not None:
+        p = np.asarray(probs)[:, index].astype(np.float64)
+    else:
+        p = 1.0 / (1.0 + np.exp(-np.asarray(outputs)[:, index].astype(np.float64)))
+    return p >= threshold
+
+
+# ----------------------------------------------------------------------------------------
+# Output regression
+# ----------------------------------------------------------------------------------------
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
+    """1 - SS_res / SS_tot around the mean of y; NaN when y is constant (R^2 is undefined)."""
+    y = np.asarray(y, dtype=np.float64)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    if ss_tot == 0.0:
+        return float("nan")
+    return 1.0 - float(((y - np.asarray(pred, dtype=np.float64)) ** 2).sum()) / ss_tot
+
+
+def output_regression(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_splits: int = 5,
+                      seed: int = 0) -> dict:
+    """Linear regression (with intercept) of a model output on per-tile concept weights.
+
+    weights: (N, K) per-tile summed concept weights; y: (N,) the explained output (a logit);
+    groups: (N,) slide or patient id per tile (any hashable values).
+
+    Cross-validation: GroupKFold with min(n_splits, n_groups) folds, so all tiles of one group land
+    in the same test fold; groups are balanced by tile count, and `seed` breaks ties between equally
+    large groups. r2_cv is the R^2 of the pooled out-of-fold predictions (one R^2 over all tiles,
+    around the mean of all y), so it can be negative when the fit does not generalise.
+
+    Returns coef (K,), intercept, r2 (in-sample), r2_cv, n_folds, n_groups, n_tiles, fold (N,) int
+    (each tile's test fold, -1 without CV) and note ("" or why r2 / r2_cv is NaN).
+    """
+    X = np.asarray(weights, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    groups = np.asarray(groups)
+    if X.ndim != 2 or y.shape != (X.shape[0],) or groups.shape != (X.shape[0],):
+        raise ValueError(f"weights must be (N, K), y (N,) and groups (N,); got {X.shape}, {y.shape}, "
+                         f"{groups.shape}.")
+    n = X.shape[0]
+    if n < 2:
+        raise ValueError(f"the output regression needs at least 2 tiles, got {n}.")
+    if not (np.isfinite(X).all() and np.isfinite(y).all()):
+        raise ValueError("weights or outputs contain NaN or infinite values; check the model outputs "
+                         "(e.g. fp16 overflow) and the concept weights.")
+    fit = LinearRegression().fit(X, y)
+    notes = []
+    r2 = r2_score(y, fit.predict(X))
+    if np.isnan(r2):
+        notes.append("the output is the same on every tile, so R^2 is undefined")
+
+    _, codes = np.unique(groups, return_inverse=True)
+    n_groups = int(codes.max()) + 1
+    fold = np.full(n, -1, dtype=np.int64)
+    r2_cv = float("nan")
+    n_folds = 0
+    if n_groups < 2:
+        notes.append(f"cross-validation needs tiles from at least 2 groups (slides or patients); "
+                     f"all {n} tiles come from one")
+    else:
+        n_folds = min(int(n_splits), n_groups)
+        # Relabel groups in a seeded order: GroupKFold sorts groups stably by size, so this only
+        # decides which of two equally large groups goes to which fold.
+        relabel = np.random.default_rng(seed).permutation(n_groups)[codes]
+        oof = np.empty(n)
+        for f, (train, test) in enumerate(GroupKFold(n_splits=n_folds).split(X, y, relabel)):
+            fold[test] = f
+            oof[test] = LinearRegression().fit(X[train], y[train]).predict(X[test])
+        r2_cv = r2_score(y, oof)
+    return {"coef": fit.coef_.astype(np.float64), "intercept": float(fit.intercept_), "r2": r2, "r2_cv": r2_cv,
+            "n_folds": n_folds, "n_groups": n_groups, "n_tiles": n, "fold": fold, "note": "; ".join(notes)}
+
+
+def choose_output(output_names: Sequence[str], probs_available: bool, wanted: str | int | None) -> tuple[int, str]:
+    """Resolve which model output to explain. Returns (index, name).
+
+    wanted: an index (int or a string of digits), a name matched case-insensitively (e.g. "TUM"), or
+    None, which picks the only output of a single-output model and is an error otherwise (the
+    message lists the names). probs_available: whether the atlas stores probabilities; it only
+    changes the wording of the error (the positive threshold applies to them).
+    """
+    names = [str(n) for n in output_names]
+    if not names:
+        raise ValueError("the model has no outputs to explain (the atlas stores no output columns).")
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+    if wanted is None:
+        if len(names) == 1:
+            return 0, names[0]
+        role = " (its logit is regressed, its probability decides which tiles count as positive)" \
+            if probs_available else " (its logit is regressed)"
+        raise ValueError(f"the model has {len(names)} outputs; choose the one to explain{role} by name or "
+                         f"index: {listing}.")
+    if isinstance(wanted, (bool, np.bool_)):
+        raise ValueError(f"output must be a name or an index, got {wanted!r}. Outputs: {listing}.")
+    if isinstance(wanted, str) and wanted.strip().isdigit():
+        wanted = int(wanted.strip())
+    if isinstance(wanted, (int, np.integer)):
+        if not 0 <= int(wanted) < len(names):
+            raise ValueError(f"output index {wanted} is out of range: the model has {len(names)} outputs "
+                             f"(0-{len(names) - 1}): {listing}.")
+        return int(wanted), names[int(wanted)]
+    key = str(wanted).strip().casefold()
+    hits = [i for i, n in enumerate(names) if n.casefold() == key]
+    if hits:
+        return hits[0], names[hits[0]]
+    close = difflib.get_close_matches(str(wanted), names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"no model output named {wanted!r}.{hint} Outputs: {listing}.")
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing K
+# ----------------------------------------------------------------------------------------
+
+def nnls_batch(X: np.ndarray, H: np.ndarray, *, max_iter: int = 500, tol: float = 1e-8) -> np.ndarray:
+    """Non-negative least squares of every row of X against fixed H: argmin_{w >= 0} ||x - w H||.
+
+    X: (N, C); H: (K, C). Returns W (N, K) float64. Exact coordinate descent (one column of W at a
+    time, all rows together) until the largest update is below tol x the largest weight, or
+    max_iter sweeps. Only the (N, K) and (K, K) Gram products are used, so X is read once.
+    """
+    H = np.asarray(H, dtype=np.float64)
+    G = H @ H.T                                              # (K, K)
+    X = np.asarray(X)
+    # X @ H.T in float64 chunk by chunk: accurate products without a float64 copy of all of X.
+    P = np.concatenate([np.asarray(X[i:i + _ROWS], dtype=np.float64) @ H.T for i in range(0, len(X), _ROWS)]
+                       or [np.zeros((0, H.shape[0]))])                    # (N, K)
+    k = H.shape[0]
+    diag = np.where(np.diag(G) > 0, np.diag(G), 1.0)  # an all-zero row of H gets weight 0 anyway
+    W = np.zeros_like(P)
+    for _ in range(max_iter):
+        change = 0.0
+        for j in range(k):
+            new = np.maximum(W[:, j] + (P[:, j] - W @ G[:, j]) / diag[j], 0.0)
+            change = max(change, float(np.abs(new - W[:, j]).max(initial=0.0)))
+            W[:, j] = new
+        if change <= tol * max(float(W.max(initial=0.0)), 1e-30):
+            break
+    return W
+
+
+def _sq_norm(V: np.ndarray) -> float:
+    """||V||_F^2 in float64, chunked."""
+    return sum(float(np.square(V[i:i + _ROWS], dtype=np.float64).sum()) for i in range(0, len(V), _ROWS))
+
+
+def _nmf_rel_error(V: np.ndarray, H: np.ndarray, v_norm: float) -> float:
+    """||V - W H||_F / ||V||_F with W = NNLS(V, H), streamed over row chunks."""
+    sq = 0.0
+    H32 = H.astype(np.float32)
+    for i in range(0, len(V), _ROWS):
+        chunk = np.asarray(V[i:i + _ROWS], dtype=np.float32)
+        resid = chunk - nnls_batch(chunk, H).astype(np.float32) @ H32
+        sq += float(np.square(resid, dtype=np.float64).sum())
+    return float(np.sqrt(sq) / v_norm)
+
+
+def _sklearn_nmf(cells: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """H (K, C) from scikit-learn's NMF (nndsvd start, Frobenius loss, at most 300 iterations)."""
+    with warnings.catch_warnings():
+        # An unconverged fit is still a valid point of the grid: its error is measured and reported.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return NMF(n_components=k, init="nndsvd", max_iter=300, random_state=seed).fit(cells).components_
+
+
+def k_grid(cells: np.ndarray, tile_embeddings: np.ndarray, y: np.ndarray, groups: np.ndarray,
+           ks: Sequence[int] = (4, 6, 8, 10), *, seed: int = 0,
+           nmf_fit: Callable[[np.ndarray, int, int], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """NMF and k-means for each K on the calibration cells: reconstruction error and output R^2.
+
+    cells: (n, C) >= 0 calibration cell vectors (after the same non-negativity transform as the
+    concepts); tile_embeddings: (N, C) per-tile mean of its cell vectors; y: (N,) the explained output;
+    groups: (N,) slide or patient ids for the cross-validation (see `output_regression`).
+    nmf_fit(cells, K, seed) -> H (K, C); default: scikit-learn NMF(init="nndsvd", max_iter=300).
+
+    NMF: relative error ||V - W H||_F / ||V||_F with W = NNLS(V, H). The tile features approximate the
+    per-tile summed cell weights by NNLS of the tile's mean cell vector against H: the sum would be
+    that times the number of cells, which rescales the coefficients but leaves R^2 unchanged. NNLS is
+    not linear, so this is an approximation of the sum of per-cell weights, not equal to it (exact
+    where no weight is clipped at zero).
+    k-means (scikit-learn, n_init=3, seeded): relative error sqrt(inertia) / ||V||_F; tile features are
+    the distances of the tile's mean cell vector to the K centres.
+
+    Returns (len(ks),) arrays: ks, nmf_rel_error, nmf_r2, nmf_r2_cv, kmeans_rel_error, kmeans_r2,
+    kmeans_r2_cv. A K larger than the sample allows (K > min(n, C) for NMF, K > n for k-means) gets NaN.
+    """
+    V = np.asarray(cells, dtype=np.float32)
+    E = np.asarray(tile_embeddings, dtype=np.float32)
+    if V.ndim != 2 or E.ndim != 2 or V.shape[1] != E.shape[1]:
+        raise ValueError(f"cells (n, C) and tile_embeddings (N, C) must share C; got {V.shape} and {E.shape}.")
+    if not (np.isfinite(V).all() and np.isfinite(E).all()):
+        raise ValueError("cells or tile embeddings contain NaN or infinite values.")
+    if V.size and V.min() < 0:
+        raise ValueError("cells contain negative values; NMF needs non-negative input. Apply the same "
+                         "non-negativity transform as the concepts (precompute.nmf.make_nonnegative) first.")
+    v_norm = float(np.sqrt(_sq_norm(V)))
+    if v_norm == 0.0:
+        raise ValueError("all calibration cells are zero; there is nothing to factorise.")
+    fit = nmf_fit or _sklearn_nmf
+    ks = np.asarray([int(k) for k in ks], dtype=np.int64)
+    out = {name: np.full(len(ks), np.nan) for name in
+           ("nmf_rel_error", "nmf_r2", "nmf_r2_cv", "kmeans_rel_error", "kmeans_r2", "kmeans_r2_cv")}
+    for i, k in enumerate(ks):
+        if k < 1:
+            raise ValueError(f"K must be at least 1, got {k}.")
+        if k <= min(V.shape):
+            H = np.asarray(fit(V, int(k), seed), dtype=np.float64)
+            if H.shape != (k, V.shape[1]):
+                raise ValueError(f"nmf_fit returned H of shape {H.shape}, expected ({k}, {V.shape[1]}).")
+            out["nmf_rel_error"][i] = _nmf_rel_error(V, H, v_norm)
+            reg = output_regression(nnls_batch(E, H), y, groups, seed=seed)
+            out["nmf_r2"][i], out["nmf_r2_cv"][i] = reg["r2"], reg["r2_cv"]
+        if k <= V.shape[0]:
+            km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(V)
+            out["kmeans_rel_error"][i] = float(np.sqrt(km.inertia_) / v_norm)
+            reg = output_regression(km.transform(E), y, groups, seed=seed)
+            out["kmeans_r2"][i], out["kmeans_r2_cv"][i] = reg["r2"], reg["r2_cv"]
+    return {"ks": ks, **out}
+
+
+# ----------------------------------------------------------------------------------------
+# Reading back
+# ----------------------------------------------------------------------------------------
+
+def _scalar(value):
+    """A stored (1,) array as a Python number; anything else unchanged."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "biuf" and arr.size == 1:
+        return arr.reshape(-1)[0].item()
+    return value
+
+
+def fidelity_from_atlas(atlas: "Atlas") -> dict:
+    """What the atlas stores under the group `fidelity`, or {} when it has none.
+
+    Returns the group's attrs (output_index, output_name, threshold, groups, has_gradcam, ...),
+    its arrays ((1,) arrays such as r2 as Python floats; coef, cam_r_* as (K,) arrays) and
+    "k_grid": the arrays of `fidelity/k_grid` ({} when absent). The per-tile `gradcam_r` column is
+    not read here (it is N x K); read it with `atlas.tiles(["gradcam_r"])`.
+    """
+    attrs = atlas.group_attrs("fidelity")
+    arrays = atlas.group("fidelity")
+    if not attrs and not arrays:
+        return {}
+    out = dict(attrs)
+    out.update({name: _scalar(value) for name, value in arrays.items()})
+    out["k_grid"] = atlas.group("fidelity/k_grid")
+    return out

@@ -1,0 +1,175 @@
+"""`precompute report`: how faithful an atlas's concepts are, as plain values and as text.
+
+`report_dict` gathers the numbers (JSON-able: NaN becomes None) for the command line and the
+dashboard's Fidelity page; `format_report` renders them. Atlases written without fidelity results
+still get the output regression, computed here from the tile table. Reads through store.Atlas
+only; no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fidelity import choose_output, fidelity_from_atlas, output_regression
+from .store import Atlas
+
+DEFAULT_OUTPUT = "TUM"  # explained by default when the atlas stores no choice (the demo model's tumour class)
+CAM_KEYS = ("cam_r_mean", "cam_r_std", "cam_n", "cam_r_pos_mean", "cam_r_pos_std", "cam_n_pos")
+GRID_KEYS = ("nmf_rel_error", "nmf_r2", "nmf_r2_cv", "kmeans_rel_error", "kmeans_r2", "kmeans_r2_cv")
+
+
+def _num(value: Any) -> float | int | None:
+    """A plain Python number, None for NaN or missing."""
+    if value is None:
+        return None
+    value = np.asarray(value).reshape(-1)[0].item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _tile_groups(atlas: Atlas, slide_of_tile: np.ndarray) -> tuple[np.ndarray, str]:
+    """Cross-validation groups per tile, as the run makes them: patients when the manifest gave every
+    slide one, else slides. Returns (groups (N,), "patient" | "slide")."""
+    slides = atlas.slides()
+    patient = np.asarray(slides.get("patient", ()), dtype=object)
+    if len(patient) and all(patient):
+        return patient[slide_of_tile], "patient"
+    return np.asarray(slide_of_tile, dtype=np.int64), "slide"
+
+
+def report_dict(path: str | Path) -> dict[str, Any]:
+    """Everything `report` shows, as plain values (None where a number is undefined or not stored).
+
+    Keys: file, n_tiles, n_slides, k, source ("atlas": stored by the run; "computed": the regression
+    was computed now because the atlas has no fidelity results), notes (list of str), output
+    {index, name}, threshold, grouping, gradcam (bool), regression {r2, r2_cv, n_folds, n_groups,
+    n_tiles, intercept, note}, clusters (one dict per concept: cluster (1-based), tiles (dominant
+    concept), share, coef, effect_sd (coef x std of the weight over tiles), direction, cam_* (K,)
+    values when GradCAM was computed), k_grid (list of rows, [] when absent), nmf_relative_error.
+    """
+    with Atlas(path) as atlas:
+        names = atlas.output_names
+        cols = atlas.tile_names()
+        t = atlas.tiles([c for c in ("slide", "weights", "nmf_cluster", "outputs") if c in cols])
+        fid = fidelity_from_atlas(atlas)
+        nmf_err = atlas.group_attrs("clusters").get("relative_error")
+        n_slides = atlas.n_slides
+        groups, grouping = _tile_groups(atlas, t["slide"]) if "slide" in t else (None, "slide")
+
+    weights = np.asarray(t["weights"], dtype=np.float64)
+    n_tiles, k = weights.shape
+    notes: list[str] = []
+    if fid:
+        source = "atlas"
+        index, name = int(fid.get("output_index", 0)), str(fid.get("output_name", ""))
+        grouping = str(fid.get("groups") or grouping)
+        coef = np.asarray(fid["coef"], dtype=np.float64)
+        n_groups = fid.get("n_groups")
+        if n_groups is None and groups is not None:
+            n_groups = len(np.unique(groups))
+        reg = {"r2": _num(fid.get("r2")), "r2_cv": _num(fid.get("r2_cv")), "n_folds": _num(fid.get("n_folds")),
+               "n_groups": _num(n_groups), "n_tiles": _num(fid.get("n_tiles", n_tiles)),
+               "intercept": _num(fid.get("intercept")), "note": str(fid.get("cv_note", fid.get("note", "")) or "")}
+        threshold = _num(fid.get("threshold"))
+        gradcam = bool(fid.get("has_gradcam", False)) and all(key in fid for key in CAM_KEYS)
+        k_grid = fid.get("k_grid") or {}
+    else:
+        source = "computed"
+        try:
+            index, name = choose_output(names, False, DEFAULT_OUTPUT)
+        except ValueError:
+            index, name = 0, names[0] if names else "output 0"
+        y = np.asarray(t["outputs"], dtype=np.float64)[:, index]
+        res = output_regression(weights, y, groups)
+        coef = res["coef"]
+        reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
+               "n_groups": res["n_groups"], "n_tiles": res["n_tiles"], "intercept": _num(res["intercept"]),
+               "note": res["note"]}
+        threshold, gradcam, k_grid = None, False, {}
+        notes.append(f"this atlas stores no fidelity results: the output regression was computed now from the "
+                     f"tile table, explaining output {name!r} (index {index}; {DEFAULT_OUTPUT!r} when the model "
+                     "has it, else output 0).")
+    if not gradcam:
+        notes.append("GradCAM was not computed for this atlas (run with --gradcam to compute it).")
+    if not k_grid:
+        notes.append("no K grid stored in this atlas.")
+
+    dominant = np.asarray(t.get("nmf_cluster", weights.argmax(axis=1)))
+    sd = weights.std(axis=0)
+    clusters = []
+    for c in range(k):
+        b = float(coef[c]) if c < len(coef) else float("nan")
+        row = {"cluster": c + 1, "tiles": int((dominant == c).sum()),
+               "share": float((dominant == c).mean()) if n_tiles else 0.0,
+               "coef": _num(b), "effect_sd": _num(b * float(sd[c])),
+               "direction": "pushes the output up" if b > 0 else "pushes the output down" if b < 0 else "no effect"}
+        if gradcam:
+            row.update({key: _num(np.asarray(fid[key])[c]) for key in CAM_KEYS})
+        clusters.append(row)
+    grid_rows = []
+    if k_grid and "ks" in k_grid:
+        for i, kk in enumerate(np.asarray(k_grid["ks"])):
+            grid_rows.append({"k": int(kk), **{key: _num(np.asarray(k_grid[key])[i]) if key in k_grid else None
+                                               for key in GRID_KEYS}})
+    return {
+        "file": str(path), "n_tiles": int(n_tiles), "n_slides": int(n_slides), "k": int(k), "source": source,
+        "notes": notes, "output": {"index": index, "name": name}, "threshold": threshold, "grouping": grouping,
+        "gradcam": gradcam, "regression": reg, "clusters": clusters, "k_grid": grid_rows,
+        "nmf_relative_error": _num(nmf_err),
+    }
+
+
+def _f(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _cam(mean: Any, std: Any, n: Any) -> str:
+    if mean is None:
+        return f"n/a (n={n or 0})"
+    return f"{mean:+.2f} ± {_f(std, '.2f')} (n={n})"
+
+
+def format_report(d: dict[str, Any]) -> str:
+    """Plain-text rendering of report_dict()."""
+    out = d["output"]
+    reg = d["regression"]
+    lines = [f"Fidelity of {d['file']}: {d['n_tiles']} tiles, {d['n_slides']} slides, K={d['k']} concepts",
+             f"explained output: {out['name']} (index {out['index']}), its logit"
+             + (f"; positive tiles: probability >= {d['threshold']:g}" if d.get("threshold") is not None else "")]
+    lines += [f"note: {n}" for n in d["notes"]]
+    lines += ["", "Per cluster (coef: change of the logit per unit of summed concept weight in a tile; "
+                  "per SD: per standard deviation of that weight over tiles)"]
+    header = f"{'cluster':>7}  {'tiles':>7}  {'share':>6}  {'coef':>10}  {'per SD':>8}  {'direction':<23}"
+    if d["gradcam"]:
+        header += f"  {'GradCAM r, all tiles':<24}  {'GradCAM r, positive tiles':<24}"
+    lines.append(header)
+    for c in d["clusters"]:
+        line = (f"{c['cluster']:>7}  {c['tiles']:>7}  {c['share']:>6.1%}  {_f(c['coef'], '+.4g'):>10}  "
+                f"{_f(c['effect_sd'], '+.3f'):>8}  {c['direction']:<23}")
+        if d["gradcam"]:
+            line += (f"  {_cam(c['cam_r_mean'], c['cam_r_std'], c['cam_n']):<24}  "
+                     f"{_cam(c['cam_r_pos_mean'], c['cam_r_pos_std'], c['cam_n_pos']):<24}")
+        lines.append(line)
+    folds = (f"{reg['n_folds']} folds, " if reg.get("n_folds") else "") + \
+        (f"tiles of one {d['grouping']} kept together, {reg['n_groups']} {d['grouping']}s"
+         if reg.get("n_groups") is not None else f"tiles of one {d['grouping']} kept together")
+    lines += ["", f"R^2 of the output on the concept weights: in-sample {_f(reg['r2'])}, "
+                  f"cross-validated {_f(reg['r2_cv'])} ({folds}); intercept {_f(reg['intercept'], '+.4g')}"]
+    if reg.get("note"):
+        lines.append(f"  {reg['note']}")
+    lines.append(f"NMF relative reconstruction error of the atlas's concepts: {_f(d['nmf_relative_error'])}")
+    if d["k_grid"]:
+        lines += ["", "Choosing K (calibration cells): relative error, R^2 in-sample / cross-validated",
+                  f"{'K':>4}  {'NMF err':>8}  {'NMF R^2':>8}  {'NMF R^2 cv':>10}  "
+                  f"{'k-means err':>11}  {'k-means R^2':>11}  {'k-means R^2 cv':>14}"]
+        for r in d["k_grid"]:
+            mark = "  <- this atlas" if r["k"] == d["k"] else ""
+            lines.append(f"{r['k']:>4}  {_f(r['nmf_rel_error']):>8}  {_f(r['nmf_r2']):>8}  {_f(r['nmf_r2_cv']):>10}  "
+                         f"{_f(r['kmeans_rel_error']):>11}  {_f(r['kmeans_r2']):>11}  "
+                         f"{_f(r['kmeans_r2_cv']):>14}{mark}")
+    return "\n".join(line.rstrip() for line in lines)
