@@ -49,7 +49,7 @@ class LayerProbe:
     """Forward hook on one module. Per call it leaves its reductions in `self.out` (device tensors)."""
 
     def __init__(self, module: torch.nn.Module, *, relu: bool, concepts: Concepts | None,
-                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 100):
+                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 30):
         self.relu = relu
         self.calib_cells = calib_cells
         self.nnls_iter = nnls_iter
