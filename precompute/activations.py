@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .fidelity import choose_output
 from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
@@ -136,19 +137,12 @@ def output_count(model: torch.nn.Module, input_px: int) -> int:
 
 
 def resolve_output(wanted: str | None, names: list[str], n_outputs: int) -> tuple[int | None, str]:
-    """Which output the fidelity statistics explain: a name or index the user gave; else 'TUM' when the
-    model has it (the demo), the only or the positive (last of two) output; else None (not computed)."""
+    """Which output the fidelity statistics explain: a name or index the user gave (checked by
+    fidelity.choose_output); else 'TUM' when the model has it (the demo), else the only output, or the
+    positive (last) one of two; else None: not computed, the run says to pass --explain."""
     names = list(names) if names and len(names) == n_outputs else [f"out_{i}" for i in range(n_outputs)]
     if wanted is not None:
-        if wanted.lstrip("-").isdigit() and -n_outputs <= int(wanted) < n_outputs:
-            i = int(wanted) % n_outputs
-            return i, names[i]
-        lower = [n.lower() for n in names]
-        if wanted.lower() in lower:
-            i = lower.index(wanted.lower())
-            return i, names[i]
-        raise ValueError(f"--explain {wanted!r}: the model has {n_outputs} outputs: "
-                         f"{', '.join(f'{i}={n}' for i, n in enumerate(names))}. Give one of these names or indices.")
+        return choose_output(names, True, wanted)
     if "TUM" in names:
         return names.index("TUM"), "TUM"
     if n_outputs <= 2:

@@ -245,7 +245,8 @@ def choose_output(output_names: Sequence[str], probs_available: bool, wanted: st
     hits = [i for i, n in enumerate(names) if n.casefold() == key]
     if hits:
         return hits[0], names[hits[0]]
-    close = difflib.get_close_matches(str(wanted), names, n=3, cutoff=0.5)
+    folded = {n.casefold(): n for n in names}
+    close = [folded[c] for c in difflib.get_close_matches(key, list(folded), n=3, cutoff=0.5)]
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"no model output named {wanted!r}.{hint} Outputs: {listing}.")
 

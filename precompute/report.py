@@ -54,12 +54,11 @@ def report_dict(path: str | Path) -> dict[str, Any]:
     """
     with Atlas(path) as atlas:
         names = atlas.output_names
-        cols = atlas.tile_names()
-        t = atlas.tiles([c for c in ("slide", "weights", "nmf_cluster", "outputs") if c in cols])
+        t = atlas.tiles(["slide", "weights", "nmf_cluster", "outputs"])
         fid = fidelity_from_atlas(atlas)
         nmf_err = atlas.group_attrs("clusters").get("relative_error")
         n_slides = atlas.n_slides
-        groups, grouping = _tile_groups(atlas, t["slide"]) if "slide" in t else (None, "slide")
+        groups, grouping = _tile_groups(atlas, t["slide"])
 
     weights = np.asarray(t["weights"], dtype=np.float64)
     n_tiles, k = weights.shape
@@ -69,9 +68,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         index, name = int(fid.get("output_index", 0)), str(fid.get("output_name", ""))
         grouping = str(fid.get("groups") or grouping)
         coef = np.asarray(fid["coef"], dtype=np.float64)
-        n_groups = fid.get("n_groups")
-        if n_groups is None and groups is not None:
-            n_groups = len(np.unique(groups))
+        n_groups = fid.get("n_groups", len(np.unique(groups)))
         reg = {"r2": _num(fid.get("r2")), "r2_cv": _num(fid.get("r2_cv")), "n_folds": _num(fid.get("n_folds")),
                "n_groups": _num(n_groups), "n_tiles": _num(fid.get("n_tiles", n_tiles)),
                "intercept": _num(fid.get("intercept")), "note": str(fid.get("cv_note", fid.get("note", "")) or "")}
@@ -99,7 +96,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
     if not k_grid:
         notes.append("no K grid stored in this atlas.")
 
-    dominant = np.asarray(t.get("nmf_cluster", weights.argmax(axis=1)))
+    dominant = np.asarray(t["nmf_cluster"])
     sd = weights.std(axis=0)
     clusters = []
     for c in range(k):
@@ -142,8 +139,8 @@ def format_report(d: dict[str, Any]) -> str:
              f"explained output: {out['name']} (index {out['index']}), its logit"
              + (f"; positive tiles: probability >= {d['threshold']:g}" if d.get("threshold") is not None else "")]
     lines += [f"note: {n}" for n in d["notes"]]
-    lines += ["", "Per cluster (coef: change of the logit per unit of summed concept weight in a tile; "
-                  "per SD: per standard deviation of that weight over tiles)"]
+    lines += ["", "Per cluster. coef: change of the logit per unit of the concept's summed weight in a tile;",
+              "per SD: per standard deviation of that weight over tiles; tiles: tiles where the concept dominates."]
     header = f"{'cluster':>7}  {'tiles':>7}  {'share':>6}  {'coef':>10}  {'per SD':>8}  {'direction':<23}"
     if d["gradcam"]:
         header += f"  {'GradCAM r, all tiles':<24}  {'GradCAM r, positive tiles':<24}"
