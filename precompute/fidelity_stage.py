@@ -41,7 +41,8 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
     arrays = {"coef": np.asarray(reg["coef"], np.float64), "intercept": np.atleast_1d(reg["intercept"]),
               "r2": np.atleast_1d(reg["r2"]), "r2_cv": np.atleast_1d(reg["r2_cv"])}
     attrs = {"output_index": output_index, "output_name": output_name, "threshold": cfg.positive_threshold,
-             "groups": group_kind, "n_folds": int(reg.get("n_folds", 0)), "has_gradcam": bool(cfg.gradcam)}
+             "groups": group_kind, "n_folds": int(reg.get("n_folds", 0)), "n_groups": int(reg.get("n_groups", 0)),
+             "cv_note": reg.get("note", ""), "has_gradcam": bool(cfg.gradcam)}
     if cfg.gradcam:
         r = w.tile_column("gradcam_r")
         try:
