@@ -12,7 +12,6 @@ RUN pip install -r requirements.txt
 
 COPY precompute/ precompute/
 COPY dashboard/ dashboard/
-COPY .streamlit/ .streamlit/
 COPY pyproject.toml README.md ./
 
 # Slides and atlases live on mounted volumes: /data (input, read-only is fine) and /out.

@@ -13,8 +13,10 @@
     .venv/bin/python bench/dashboard.py                       # build (once) + measure
     .venv/bin/python bench/dashboard.py --tiles 200000 --slides 400
 
+    .venv/bin/python bench/dashboard.py --atlas /tmp/atlases/breakhis.h5   # baseline: a small atlas
+
 The atlas goes to bench/out/ (ignored by git) and is reused when present; results are printed and
-written to bench/out/dashboard.json. Targets: first render < 5 s, interactions < 1 s, < 2 GB.
+written to bench/out/dashboard-<atlas name>.json. Targets: first render < 5 s, interactions < 1 s, < 2 GB.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 GRID = (25, 20)    # tiles per synthetic slide along x, y (500 tiles)
 MOSAIC_PX = 16     # thumbnail px per tile in the synthetic slide thumbnails
 CELLS = 7          # cluster-map cells per tile side (capricorn-crc: 7 x 7 cells of 32 px)
-SCATTER = '[data-testid="stVegaLiteChart"] canvas'  # the overview scatter (canvas past 2,000 marks)
+SCATTER = '[data-testid="stVegaLiteChart"] .marks'  # the overview scatter (svg or canvas)
 
 
 # -- building the atlas ---------------------------------------------------------------------
@@ -168,7 +170,7 @@ def _timed(page, action, done_selector: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(atlas: Path, repeats: int = 3) -> dict:
+def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -192,7 +194,7 @@ def measure(atlas: Path, repeats: int = 3) -> dict:
                 # cold: server reads the atlas, browser fetches Streamlit's scripts; warm: both cached
                 page = context.new_page()
                 t0 = time.perf_counter()
-                page.goto(url + "/?page=overview")
+                page.goto(url + "/?page=overview" + (f"&points={points}" if points else ""))
                 page.wait_for_selector(SCATTER, timeout=120_000)
                 _idle(page, 120_000)
                 res[label] = time.perf_counter() - t0
@@ -245,11 +247,11 @@ def _interactions(page) -> dict:
         "colour_by_diagnosis": (select("Colour by", "Diagnosis"), "url:color=diagnosis"),
         "open_cluster_page": (radio("Cluster"), "text=Concept drill-down"),
         "change_concept": (select("Concept", "C3"), "text=Tiles where C3 dominates"),
-        "open_slides_page": (radio("Slides"), "text=Soft map of every concept"),
-        "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept"),
+        "open_slides_page": (radio("Slides"), "text=Soft map of every concept, and the model output"),
+        "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept, and the model output"),
         "click_tile": (click_tile, "text=Top outputs:"),
         "open_enrichment_page": (radio("Diagnosis enrichment"), "text=log2 enrichment"),
-        "back_to_overview": (radio("Overview"), SCATTER),
+        "back_to_overview": (radio("Overview"), "text=Density image:"),
     }
 
 
@@ -279,23 +281,29 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=2_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--points", type=int, default=None, help="points drawn on the scatter (app default: 10,000)")
+    ap.add_argument("--atlas", type=Path, default=None,
+                    help="measure this existing atlas instead of building one (e.g. the small source as a baseline)")
     args = ap.parse_args()
-    out = args.out or ROOT / "bench" / "out" / f"dashboard-{args.tiles}.h5"
+    out = args.atlas or args.out or ROOT / "bench" / "out" / f"dashboard-{args.tiles}.h5"
     if not out.exists():
         if not args.source.exists():
             sys.exit(f"{args.source} not found: build a small atlas first (see docs/dashboard.md) or pass --source")
         build(args.source, out, args.tiles, args.slides)
     if not Path(CHROMIUM).exists():
         sys.exit(f"{CHROMIUM} not found (apt-get install chromium)")
-    res = measure(out, args.repeats)
+    res = measure(out, args.repeats, args.points)
+    res["points"] = args.points or "app default (10,000)"
     with Atlas(out) as a:
         res.update(atlas=str(out), tiles=a.n_tiles, slides=a.n_slides, size_gb=round(out.stat().st_size / 1e9, 2))
-    res["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+    res["machine"] = (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, "
+                      f"Python {platform.python_version()}")
     for key in ("first_render_cold_s", "first_render_warm_s"):
         res[key] = round(res[key], 2)
     print(json.dumps(res, indent=2))
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "out" / "dashboard.json").write_text(json.dumps(res, indent=2))
+    suffix = f"-{args.points}pts" if args.points else ""
+    (ROOT / "bench" / "out" / f"dashboard-{out.stem}{suffix}.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -69,4 +69,5 @@ def main() -> None:
     VIEWS[page].render(data, diagnoses)
 
 
-main()
+if __name__ == "__main__":  # `streamlit run` (and AppTest) run the script as __main__
+    main()

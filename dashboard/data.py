@@ -113,7 +113,8 @@ class AtlasData:
             tile_slide=tile_slide, nmf=nmf,
             kmeans=np.asarray(t["kmeans_cluster"], np.int16) if "kmeans_cluster" in t else None,
             proj=np.asarray(t["proj"], np.float32) if "proj" in t else None,
-            weights=weights, out=out, top=out.argmax(axis=1).astype(np.int16) if out.shape[1] else np.zeros(n, np.int16),
+            weights=weights, out=out,
+            top=out.argmax(axis=1).astype(np.int16) if out.shape[1] else np.zeros(n, np.int16),
             x=np.asarray(t["x"]), y=np.asarray(t["y"]), diagnoses=diagnoses, slide_diag=slide_diag,
             tile_diag=slide_diag[tile_slide] if n else np.zeros(0, np.int16),
             slide_weight=slide_weight, slide_count=slide_count,
@@ -128,6 +129,11 @@ class AtlasData:
     @property
     def n_slides(self) -> int:
         return len(self.slides)
+
+    @property
+    def default_output(self) -> int:
+        """Output shown first: the demo model's tumour class when present, else output 0."""
+        return self.output_names.index("TUM") if "TUM" in self.output_names else 0
 
     @property
     def out_label(self) -> str:

@@ -16,7 +16,9 @@ from PIL import Image
 
 from .colors import rgb, viridis
 
-MAX_POINTS = 20_000
+MAX_POINTS = 20_000     # hard cap on points drawn
+DEFAULT_POINTS = 10_000  # default: keeps re-colouring under a second in a software-rendered browser
+POINT_CHOICES = (2_000, 5_000, 10_000, 20_000)
 BINS = (320, 220)  # histogram cells along x, y (at most; see `bins_for`)
 
 
@@ -104,9 +106,3 @@ def rows_in_box(proj: np.ndarray, mask: np.ndarray, xr, yr) -> np.ndarray:
     px, py = proj[:, 0], proj[:, 1]
     return np.flatnonzero(mask & (px >= x0) & (px <= x1) & (py >= y0) & (py <= y1))
 
-
-def spread(rows: np.ndarray, n: int) -> np.ndarray:
-    """At most n rows spread evenly over `rows` (deterministic), for galleries."""
-    if len(rows) <= n:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]

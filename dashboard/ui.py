@@ -90,8 +90,10 @@ def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
 
 
 def chart(ch: alt.TopLevelMixin, **kwargs):
-    """st.altair_chart with the app's defaults (full width, Streamlit theme)."""
+    """st.altair_chart with the app's defaults: full width, type large enough for a projector."""
     kwargs.setdefault("width", "stretch")
+    ch = ch.configure_axis(labelFontSize=14, titleFontSize=15).configure_legend(
+        labelFontSize=14, titleFontSize=15, symbolSize=160).configure_title(fontSize=16, anchor="start")
     return st.altair_chart(ch, **kwargs)
 
 

@@ -24,7 +24,8 @@ def _real_tiles(data_dir, n_slide_tiles: int = 8) -> np.ndarray:
     """Kather tiles + the most tissue-rich grid tiles of the CMU slide: (N, 224, 224, 3) uint8."""
     import openslide
 
-    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((data_dir / "tiles" / "kather-crc").glob("*.png"))]
+    kather = sorted((data_dir / "tiles" / "kather-crc").glob("*.png"))
+    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in kather]
     slide = openslide.OpenSlide(str(data_dir / "slides" / "CMU-1-Small-Region.svs"))
     w, h = slide.dimensions
     grid = [np.asarray(slide.read_region((x, y), 0, (TILE, TILE)).convert("RGB"))
@@ -91,7 +92,8 @@ def test_fit_error_within_one_percent_of_sklearn(V, sk_nmf, ours):
 
 def test_relative_error_matches_direct_computation(V, sk_nmf):
     W = sk_nmf.transform(V)
-    assert relative_error(V, W, sk_nmf.components_) == pytest.approx(_direct_rel_error(V, W, sk_nmf.components_), rel=1e-5)
+    direct = _direct_rel_error(V, W, sk_nmf.components_)
+    assert relative_error(V, W, sk_nmf.components_) == pytest.approx(direct, rel=1e-5)
 
 
 def test_same_seed_same_components(V, ours):

@@ -63,7 +63,7 @@ def _metrics(data, k, slide_ok, tile_ok, members) -> None:
     n_ok = int((w.sum(axis=1) > 0).sum())
     c = st.columns(4)
     c[0].metric(f"Tiles where {concept_label(k)} dominates", f"{len(members):,}",
-                f"{len(members) / max(1, tile_ok.sum()):.1%} of tiles", delta_color="off")
+                f"{len(members) / max(1, tile_ok.sum()):.1%} of tiles", delta_color="off", delta_arrow="off")
     c[1].metric("Share of all concept weight", f"{w[:, k].sum() / total:.1%}" if total > 0 else "–")
     c[2].metric("Slides where it dominates ≥ 1 tile", f"{present} / {n_ok}")
     c[3].metric("Prototypes", int((data.protos.get("cluster", np.zeros(0)) == k).sum()))
@@ -161,7 +161,7 @@ def _outputs(data, k, tile_ok, members) -> None:
         tooltip=["output", "set", "tiles", alt.Tooltip("share:Q", format=".1%")]).properties(height=360)
     ui.chart(ch)
     ui.csv_button(df, f"top-output-{concept_label(k)}", key="dl_top_out")
-    j = state.bound(st.selectbox, "Distribution of one output", "output", default=_default_output(data),
+    j = state.bound(st.selectbox, "Distribution of one output", "output", default=data.default_output,
                     options=list(range(o)), parse=int, format_func=lambda i: names[i])
     lo, hi = (0.0, 1.0) if data.out_kind == "probs" else (float(data.out[:, j].min()), float(data.out[:, j].max()))
     edges = np.linspace(lo, hi if hi > lo else lo + 1, 21)
@@ -181,9 +181,6 @@ def _outputs(data, k, tile_ok, members) -> None:
     ui.chart(ch)
     ui.csv_button(hist, f"{names[j]}-histogram-{concept_label(k)}", key="dl_hist")
 
-
-def _default_output(data: AtlasData) -> int:
-    return data.output_names.index("TUM") if "TUM" in data.output_names else 0
 
 
 def _prevalence(data, k, slide_ok) -> None:

@@ -6,7 +6,6 @@ Computed over the slides in the diagnosis filter (see dashboard/enrichment.py fo
 from __future__ import annotations
 
 import altair as alt
-import pandas as pd
 import streamlit as st
 
 from .. import state, ui

@@ -24,6 +24,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     _summary(data)
     st.divider()
     _scatter(data, diagnoses)
+    _concept_sizes(data, diagnoses)
 
 
 # -- summary ------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def cohort_table(data: AtlasData) -> pd.DataFrame:
     for col in ("ok", "no_tissue", "failed"):
         if col not in t:
             t[col] = 0
-    t = t[["ok", "no_tissue", "failed"]]
+    t = t[["ok", "no_tissue", "failed"]].rename_axis(columns=None)
     t.insert(0, "slides", t.sum(axis=1))
     t["tiles"] = s.groupby("diagnosis")["n_tiles"].sum()
     if "patient" in s and (s["patient"] != "").any():
@@ -109,9 +110,17 @@ def _output_range(data: AtlasData, output: int) -> tuple[float, float]:
     return (float(np.percentile(v, 1)), float(np.percentile(v, 99))) if len(v) else (0.0, 1.0)
 
 
+def _cat(labels, codes):
+    """Dictionary-encoded strings (small to ship, cheap to build); plain strings if labels repeat."""
+    labels, codes = list(labels), np.asarray(codes, np.int64)
+    if len(set(labels)) < len(labels):
+        return np.asarray(labels, dtype=object)[codes]
+    return pd.Categorical.from_codes(codes, categories=labels)
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
-def _layers(key: str, mode: str, output: int, dx: tuple[str, ...], _data: AtlasData):
-    """Density PNG of all filtered tiles and the sampled points table (cached per view)."""
+def _density(key: str, mode: str, output: int, dx: tuple[str, ...], _data: AtlasData) -> tuple[bytes, tuple, int]:
+    """(PNG of the density image of all filtered tiles, extent, number of tiles) for one colouring."""
     data = _data
     mask = data.tile_mask(list(dx))
     ext = raster.extent(data.proj)
@@ -125,21 +134,35 @@ def _layers(key: str, mode: str, output: int, dx: tuple[str, ...], _data: AtlasD
         img = raster.density_rgba(cells, bins, values=data.out[mask, output], vrange=_output_range(data, output))
     else:
         img = raster.density_rgba(cells, bins)
-    rows = raster.sample_rows(data.permutation(), mask)
-    ids = data.slide_ids()
-    pts = pd.DataFrame({
+    return raster.png_bytes(img), ext, int(mask.sum())
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _points(key: str, dx: tuple[str, ...], n_points: int, _data: AtlasData) -> pd.DataFrame:
+    """The sampled points (same for every colouring): row, px, py and the tooltip fields."""
+    data = _data
+    rows = raster.sample_rows(data.permutation(), data.tile_mask(list(dx)), min(n_points, raster.MAX_POINTS))
+    return pd.DataFrame({
         "row": rows, "px": data.proj[rows, 0], "py": data.proj[rows, 1],
-        "slide": ids[data.tile_slide[rows]],
-        "concept": [concept_label(c) for c in data.nmf[rows]],
-        "diagnosis": np.array(data.diagnoses, dtype=object)[data.tile_diag[rows]],
-        "top output": np.array(data.output_names, dtype=object)[data.top[rows]],
-        "value": data.out[rows, data.top[rows]],
+        "slide": _cat(data.slide_ids(), data.tile_slide[rows]),
+        "concept": _cat([concept_label(j) for j in range(data.k)], data.nmf[rows]),
+        "diagnosis": _cat(data.diagnoses, data.tile_diag[rows]),
+        "top output": _cat(data.output_names, data.top[rows]),
+        "value": data.out[rows, data.top[rows]].round(3),
     })
+
+
+def _layers(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_points: int):
+    """Density PNG, points table (with the colouring's column), extent, number of filtered tiles."""
+    png, ext, n_shown = _density(data.key, mode, output, dx, data)
+    pts = _points(data.key, dx, n_points, data)
+    rows = pts["row"].to_numpy()
     if mode == "kmeans":
-        pts["kmeans"] = [concept_label(c, "K") for c in data.kmeans[rows]]
-    if mode == "output":
-        pts["output"] = data.out[rows, output]
-    return raster.png_bytes(img), pts, ext, int(mask.sum())
+        pts = pts.assign(kmeans=_cat([concept_label(j, "K") for j in range(int(data.kmeans.max()) + 1)],
+                                     data.kmeans[rows]))
+    elif mode == "output":
+        pts = pts.assign(output=data.out[rows, output].round(3))
+    return png, pts, ext, n_shown
 
 
 def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int):
@@ -171,48 +194,49 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
     size = 70 if len(pts) < 2_000 else 30 if len(pts) < 8_000 else 14
     points = alt.Chart(pts).mark_circle(size=size, opacity=0.8, stroke="white", strokeWidth=0.2).encode(
         x=alt.X("px:Q", scale=xs), y=alt.Y("py:Q", scale=ys), color=color,
-        tooltip=["slide", "diagnosis", "concept", "top output", alt.Tooltip("value:Q", format=".2f")],
+        tooltip=["slide", "diagnosis", "concept", "top output",
+                 alt.Tooltip("value:Q", title=data.out_label, format=".2f")],
     ).add_params(brush, pick)
-    return alt.layer(image, points).properties(height=680).configure_legend(
-        labelFontSize=15, titleFontSize=15, symbolSize=180).configure_axis(labelFontSize=14, titleFontSize=15)
+    return alt.layer(image, points).properties(height=680)
 
 
+@st.fragment
 def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
+    """Scatter, brush and gallery; a fragment, so brushing reruns only this part of the page."""
     st.subheader("All tiles")
     if data.proj is None or data.n == 0:
         st.info("This atlas has no 2-D projection of its tiles (or no tiles), so there is no scatter to show.")
         return
     modes = [m for m in COLOR_MODES if m != "kmeans" or data.kmeans is not None]
-    c1, c2, _ = st.columns([2, 2, 3])
+    c1, c2, _, c4 = st.columns([2, 2, 1, 2])
     with c1:
         mode = state.bound(st.selectbox, "Colour by", "color", default="nmf", options=modes,
                            format_func=COLOR_MODES.get)
+    with c4:
+        n_points = state.bound(st.selectbox, "Points drawn (at most)", "points", default=raster.DEFAULT_POINTS,
+                               options=list(raster.POINT_CHOICES), parse=int, format_func=lambda v: f"{v:,}",
+                               help="All tiles are always in the density image; more points cost browser time.")
     output = 0
     if mode == "output":
         with c2:
-            output = state.bound(st.selectbox, "Model output", "output", default=_default_output(data),
+            output = state.bound(st.selectbox, "Model output", "output", default=data.default_output,
                                  options=list(range(len(data.output_names))), parse=int,
                                  format_func=lambda i: data.output_names[i])
-    png, pts, ext, n_shown = _layers(data.key, mode, output, tuple(diagnoses), data)
+    png, pts, ext, n_shown = _layers(data, mode, output, tuple(diagnoses), n_points)
     if n_shown == 0:
         st.info("No tiles match the diagnosis filter.")
         return
     event = ui.chart(_scatter_chart(data, png, pts, ext, mode, output), on_select="rerun",
                      selection_mode=["brush", "pick"], key=f"scatter_{mode}_{output}")
     st.caption(f"Density image: all {n_shown:,} tiles in the filter; points: {len(pts):,} of them "
-               f"(a fixed random sample, at most {raster.MAX_POINTS:,}). Drag to select a region (resolved "
+               f"(a fixed random sample, at most {n_points:,}). Drag to select a region (resolved "
                "against all tiles), click a point to pick one tile, double-click to clear. "
                "Chart toolbar (top right): Download as PNG.")
     if mode == "nmf":
         ui.concept_legend(data.k)
     ui.csv_button(pts, f"scatter-points-{mode}", key="dl_points", label="CSV of the drawn points")
     _selection(data, diagnoses, event)
-    _concept_sizes(data, diagnoses)
 
-
-def _default_output(data: AtlasData) -> int:
-    names = data.output_names
-    return names.index("TUM") if "TUM" in names else 0
 
 
 def _selection(data: AtlasData, diagnoses: list[str], event) -> None:

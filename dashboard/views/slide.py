@@ -52,7 +52,9 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     with c[1]:
         layer = state.bound(st.selectbox, "Layer", "layer", default="clusters", options=list(LAYERS),
                             format_func=LAYERS.get)
-    concept, output = 0, _default_output(data)
+    concept, output = 0, state.get("output", data.default_output, int)
+    if not 0 <= output < len(data.output_names):
+        output = data.default_output
     with c[2]:
         if layer == "soft":
             concept = state.bound(st.selectbox, "Concept", "soft", default=1, options=list(range(1, data.k + 1)),
@@ -78,12 +80,9 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
                           label="CSV of its tiles")
     with right:
         _tile_panel(data, i, event)
-    st.subheader("Soft map of every concept")
-    _soft_strip(data, i)
+    st.subheader("Soft map of every concept, and the model output")
+    _soft_strip(data, i, output)
 
-
-def _default_output(data: AtlasData) -> int:
-    return data.output_names.index("TUM") if "TUM" in data.output_names else 0
 
 
 def _soft_vmax(data: AtlasData, k: int, soft: np.ndarray) -> float:
@@ -110,8 +109,7 @@ def _layer_rgba(data: AtlasData, i: int, layer: str, concept: int, output: int, 
     rows = np.arange(start, start + n)
     grid = overlay.tile_value_grid(data.x[rows], data.y[rows], float(row["tile_l0"]), data.out[rows, output],
                                    ds, (h, w))
-    vr = (0.0, 1.0) if data.out_kind == "probs" else (float(data.out[:, output].min()), float(data.out[:, output].max()))
-    return overlay.value_rgba(grid, vr)
+    return overlay.value_rgba(grid, _value_range(data, output))
 
 
 @st.cache_data(max_entries=48, show_spinner=False)
@@ -153,7 +151,8 @@ def _slide_chart(data: AtlasData, i: int, maps, jpeg: bytes):
     rects = alt.Chart(tiles).mark_rect(fill="white", fillOpacity=0.01, stroke="black").encode(
         x=alt.X("x:Q", scale=xs), x2="x2:Q", y=alt.Y("y:Q", scale=ys), y2="y2:Q",
         strokeWidth=alt.condition(pick, alt.value(3), alt.value(0), empty=False),
-        tooltip=["concept", "top output", alt.Tooltip("value:Q", format=".2f"), "x", "y"],
+        tooltip=["concept", "top output", alt.Tooltip("value:Q", title=data.out_label, format=".2f"),
+                 alt.Tooltip("x:Q", title="x (level-0 px)"), alt.Tooltip("y:Q", title="y (level-0 px)")],
     ).add_params(pick)
     return alt.layer(img, rects).properties(width=width, height=height, padding=0).configure_view(stroke=None)
 
@@ -202,25 +201,38 @@ def _tile_panel(data: AtlasData, i: int, event) -> None:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _strip_cached(key: str, i: int, _data: AtlasData) -> list[np.ndarray]:
+def _strip_cached(key: str, i: int, output: int, _data: AtlasData) -> list[np.ndarray]:
+    """Small images: the soft map of every concept, then the map of model output `output`."""
     maps = _data.slide_maps(i)
     thumb = maps["thumbnail"]
-    h, w = thumb.shape[:2]
-    f = max(1, int(np.ceil(w / STRIP_PX)))
+    f = max(1, int(np.ceil(thumb.shape[1] / STRIP_PX)))
     small = thumb[::f, ::f]
+    size = (small.shape[1], small.shape[0])
+    cell, ds = float(maps.attrs["cell_l0"]), float(maps.attrs["thumb_downsample"]) * f
     out = []
     for j in range(_data.k):
         soft = maps["soft"][j].astype(np.float32)
         rgba = overlay.soft_rgba(soft, _soft_vmax(_data, j, soft), concept_color(j))
-        rgba = overlay.grid_to_thumb(rgba, float(maps.attrs["cell_l0"]), float(maps.attrs["thumb_downsample"]) * f,
-                                     (small.shape[1], small.shape[0]), resample=overlay.Image.BILINEAR)
-        out.append(overlay.blend(small, rgba, 0.85))
+        out.append(overlay.blend(small, overlay.grid_to_thumb(rgba, cell, ds, size, resample=overlay.Image.BILINEAR),
+                                 0.85))
+    row = _data.slides.iloc[i]
+    rows = np.arange(int(row["tile_start"]), int(row["tile_start"]) + int(row["n_tiles"]))
+    grid = overlay.tile_value_grid(_data.x[rows], _data.y[rows], float(row["tile_l0"]), _data.out[rows, output], ds,
+                                   small.shape[:2])
+    out.append(overlay.blend(small, overlay.value_rgba(grid, _value_range(_data, output)), 0.75))
     return out
 
 
-def _soft_strip(data: AtlasData, i: int) -> None:
-    images = _strip_cached(data.key, i, data)
-    caps = [concept_label(j) for j in range(data.k)]
+def _value_range(data: AtlasData, output: int) -> tuple[float, float]:
+    """Colour range of an output map: [0, 1] for probabilities, the cohort's min..max for logits."""
+    if data.out_kind == "probs":
+        return 0.0, 1.0
+    return float(data.out[:, output].min()), float(data.out[:, output].max())
+
+
+def _soft_strip(data: AtlasData, i: int, output: int) -> None:
+    images = _strip_cached(data.key, i, output, data)
+    caps = [concept_label(j) for j in range(data.k)] + [f"{data.output_names[output]} {data.out_label}"]
     st.image(images, caption=caps, width=STRIP_PX)
     ui.png_button(lambda: ui.contact_sheet([overlay.encode(im) for im in images], caps, cols=min(6, len(images)),
                                            cell=STRIP_PX), f"{data.slide_ids()[i]}-soft-maps", key="dl_strip")

@@ -1,0 +1,278 @@
+"""The dashboard in a real browser: `streamlit run` on the small real atlas, driven by Playwright in
+Debian's Chromium (headless, no sandbox). Each test saves screenshots under test-artifacts/ and fails
+on any exception box shown in the page or any script error in the browser.
+
+Skips (with the reason) when /usr/bin/chromium or the playwright package is missing; CI installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboard_fixtures import REPO, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts"
+TIMEOUT_MS = 60_000
+
+
+def _require_browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's Chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -r requirements-test.txt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(dash_atlas):
+    """`streamlit run dashboard/app.py -- --atlas ATLAS` as documented; yields its URL."""
+    _require_browser()
+    port = _free_port()
+    log = ARTIFACTS / "streamlit-server.log"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
+             "--", "--atlas", str(dash_atlas)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"streamlit exited: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield {"url": url, "port": port}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh page (1600 x 1000) that records script errors; screenshot and checks at the end."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    yield pg
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}-final.png"), full_page=True)
+    context.close()
+
+
+def idle(pg) -> None:
+    """Wait until the script has finished and nothing is still loading."""
+    pg.wait_for_function(
+        "() => { const a = document.querySelector('[data-testid=stApp]');"
+        " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
+        " && [...document.images].every(i => i.complete)"
+        " && !document.querySelector('[data-testid=stSkeleton], [data-testid=stSkeletonElement]'); }",
+        timeout=TIMEOUT_MS)
+    pg.wait_for_timeout(300)
+
+
+def check(pg, shot: str) -> None:
+    """No exception box in the page, no script error in the browser; save a screenshot."""
+    idle(pg)
+    pg.screenshot(path=str(ARTIFACTS / f"{shot}.png"))
+    boxes = pg.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, boxes.first.inner_text()
+    assert not pg.errors, pg.errors
+
+
+def open_view(pg, server, query: str = "") -> None:
+    pg.goto(f"{server['url']}/{query}")
+    pg.wait_for_selector('[data-testid="stSidebar"]', timeout=TIMEOUT_MS)
+    idle(pg)
+
+
+def choose(pg, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label`."""
+    box = pg.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    box.scroll_into_view_if_needed()
+    for _ in range(5):  # the first click can land while the element re-renders
+        box.click()
+        opt = pg.get_by_role("option", name=option, exact=True)
+        try:
+            opt.wait_for(timeout=3_000)
+            opt.click()
+            idle(pg)
+            return
+        except Exception:
+            pg.keyboard.press("Escape")
+    raise AssertionError(f"could not choose {option!r} in {label!r}")
+
+
+def selected(pg, label: str) -> str:
+    """The value shown by the selectbox labelled `label`."""
+    return pg.get_by_role("combobox", name=label).first.input_value()
+
+
+def param(pg, name: str) -> list[str]:
+    return re.findall(rf"[?&]{name}=([^&]*)", pg.url)
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_overview_brush_selects_tiles_and_shows_gallery(page, server):
+    open_view(page, server, "?page=overview")
+    assert page.get_by_text("All tiles", exact=True).is_visible()
+    check(page, "overview")
+    chart = page.locator('[data-testid="stVegaLiteChart"]').first
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2  # inside the plot area
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.8, steps=12)
+    page.mouse.up()
+    page.wait_for_selector("text=/Selection: [0-9,]+ tiles/", timeout=TIMEOUT_MS)
+    idle(page)
+    n = int(re.search(r"Selection: ([0-9,]+) tiles", page.content()).group(1).replace(",", ""))
+    assert n > 0
+    gallery = page.locator('[data-testid="stImage"] img')
+    assert gallery.count() >= min(n, 60)
+    check(page, "overview-brush-gallery")
+
+
+def test_select_a_cluster(page, server):
+    open_view(page, server, "?page=overview")
+    bars = page.locator('[data-testid="stVegaLiteChart"]').filter(has_text="click a bar to open the concept")
+    bar = bars.locator('path[aria-label*="concept: C3"]').first
+    bar.scroll_into_view_if_needed()
+    bar.click()  # the "Tiles per dominant concept" bar of C3 opens its drill-down
+    page.wait_for_selector("text=Concept drill-down", timeout=TIMEOUT_MS)
+    idle(page)
+    assert param(page, "page") == ["cluster"] and param(page, "cluster") == ["3"]
+    assert page.get_by_text("Tiles where C3 dominates").is_visible()
+    check(page, "cluster-C3")
+    choose(page, "Concept", "C2")
+    page.wait_for_selector("text=Tiles where C2 dominates", timeout=TIMEOUT_MS)
+    assert param(page, "cluster") == ["2"]
+    page.get_by_text("Prevalence per slide").scroll_into_view_if_needed()
+    check(page, "cluster-C2")
+    prevalence = page.locator('[data-testid="stVegaLiteChart"]').filter(has_text="click a bar to open the slide")
+    bar = prevalence.locator('path[aria-label*="slide_id: "]').first
+    slide_id = re.search(r"slide_id: ([^;]+)", bar.get_attribute("aria-label")).group(1)
+    bar.click()  # a slide's prevalence bar opens that slide
+    page.wait_for_selector("text=Soft map of every concept", timeout=TIMEOUT_MS)
+    idle(page)
+    assert param(page, "page") == ["slides"] and param(page, "slide") == [slide_id]
+    check(page, "cluster-C2-opened-slide")
+
+
+def test_open_a_slide_and_click_a_tile(page, server):
+    open_view(page, server, "?page=slides")
+    choose(page, "Slide", "cmu — squamous")
+    assert param(page, "slide") == ["cmu"]
+    check(page, "slide-cmu")
+    before = param(page, "tile")
+    tile = page.locator('[data-testid="stVegaLiteChart"]').first.locator('path[aria-label*="concept: C"]').nth(20)
+    tile.click()
+    page.wait_for_function(f"() => !location.search.includes('tile={before[0] if before else ''}&')"
+                           f" && location.search.includes('tile=')", timeout=TIMEOUT_MS)
+    idle(page)
+    assert param(page, "tile") != before
+    assert page.get_by_text("Top outputs:").is_visible()
+    check(page, "slide-cmu-tile")
+    choose(page, "Layer", "Soft map of one concept")
+    choose(page, "Concept", "C2")
+    check(page, "slide-cmu-soft-C2")
+    choose(page, "Layer", "Model output")
+    assert param(page, "layer") == ["output"]
+    check(page, "slide-cmu-output")
+    open_view(page, server, "?page=slides&slide=broken")
+    assert page.get_by_text("This slide failed during the run").is_visible()
+    check(page, "slide-broken")
+
+
+def test_permalink_reopens_the_same_view(page, browser, server):
+    open_view(page, server, "?page=overview")
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.locator('[data-testid="stMultiSelect"]').click()
+    page.get_by_role("option", name="malignant", exact=True).click()
+    page.keyboard.press("Escape")
+    idle(page)
+    choose(page, "Colour by", "Diagnosis")
+    sidebar.get_by_text("Cluster", exact=True).click()
+    page.wait_for_selector("text=Concept drill-down", timeout=TIMEOUT_MS)
+    idle(page)
+    choose(page, "Concept", "C4")
+    link = page.url
+    assert param(page, "dx") == ["malignant"] and param(page, "cluster") == ["4"]
+    check(page, "permalink-source")
+    other = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+    other.errors = []
+    other.on("pageerror", lambda exc: other.errors.append(str(exc)))
+    other.goto(link)
+    other.wait_for_selector("text=Tiles where C4 dominates", timeout=TIMEOUT_MS)
+    idle(other)
+    side = other.locator('[data-testid="stSidebar"]')
+    assert side.get_by_role("radio", name="Cluster").is_checked()
+    assert side.get_by_text("malignant").is_visible()
+    assert selected(other, "Concept") == "C4"
+    check(other, "permalink-reopened")
+    side.get_by_text("Overview", exact=True).click()  # the colouring came with the link too
+    other.get_by_text("All tiles", exact=True).wait_for(timeout=TIMEOUT_MS)
+    idle(other)
+    assert selected(other, "Colour by") == "Diagnosis"
+    check(other, "permalink-overview")
+    other.context.close()
+
+
+def test_enrichment_page(page, server):
+    open_view(page, server, "?page=enrichment&target=malignant")
+    assert page.get_by_text("log2 enrichment in malignant").first.is_visible()
+    check(page, "enrichment")
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (a UDP 'connect' sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_server_listens_on_localhost_only(server):
+    addr = _outward_address()
+    if not addr or addr.startswith("127."):
+        pytest.skip("this machine has no non-loopback address to try")
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex((addr, server["port"])) != 0, f"the dashboard answers on {addr}"
