@@ -151,3 +151,21 @@ def test_kather_clusters_against_tissue_classes(data_dir, tmp_path):
     print(f"\nKather 32 tiles, K=8: ARI NMF {ari_nmf:.3f}, k-means {ari_km:.3f}, model argmax {ari_model:.3f}")
     assert -1 <= ari_nmf <= 1 and len(set(t["nmf_cluster"])) > 1
     assert names[:9] == ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+
+
+def test_concepts_of_an_earlier_atlas_are_reused(cmu_atlas, data_dir, tmp_path):
+    """--concepts skips calibration and assigns a new cohort to exactly the earlier H."""
+    out = tmp_path / "kidney.h5"
+    proc = run_cli("run", "--cohort", str(data_dir / "slides" / "kidney-48-5.tif"), "--model", "capricorn-crc",
+                   "--out", str(out), "--native-resolution", "--min-tissue", "0.05", "--concepts", str(cmu_atlas),
+                   "--workers", "0", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing the 6 concepts" in proc.stderr and "calibration" not in proc.stderr
+    with Atlas(out) as new, Atlas(cmu_atlas) as old:
+        np.testing.assert_array_equal(new.group("clusters")["H"], old.group("clusters")["H"])
+        assert new.n_tiles > 0
+    # concepts from another layer cannot be reused: the error says why
+    bad = run_cli("run", "--cohort", str(data_dir / "slides" / "kidney-48-5.tif"), "--model", "capricorn-crc",
+                  "--layer", "features.transition2", "--out", str(tmp_path / "bad.h5"), "--native-resolution",
+                  "--concepts", str(cmu_atlas), "--workers", "0", "--no-progress")
+    assert bad.returncode == 2 and "channels" in bad.stderr
