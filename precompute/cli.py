@@ -1,8 +1,8 @@
 """Command line: `python -m precompute run | layers | inspect | demo`.
 
 Exit codes of `run` (and `demo`): 0 all slides done; 1 atlas written but some slides failed;
-2 bad input (cohort, model, layer or option; nothing was done); 3 no slide produced tiles (no atlas);
-4 (`demo` only) the demo slide could not be fetched.
+2 bad input (cohort, model, layer or option; nothing was done); 3 no atlas written (no slide produced
+tiles, or out of memory); 4 (`demo` only) the demo slide could not be fetched; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -183,6 +183,16 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
                                    progress=bars, command_line=" ".join(shlex.quote(a) for a in sys.argv))
     except (ConfigError, ModelError, ValueError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted. Finished slides are kept; run the same command again to resume.", code=130)
+    except MemoryError as exc:
+        _fail(f"out of memory ({exc}). Finished slides are kept. Lower --batch-size or --workers (host memory) "
+              "or --max-calib-cells, then run the same command again to resume.", code=EXIT_NO_ATLAS)
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        _fail(f"the device ran out of memory: {str(exc).splitlines()[0]} Finished slides are kept. Lower "
+              "--batch-size, then run the same command again to resume.", code=EXIT_NO_ATLAS)
     _print_summary(summary)
     return summary.exit_code
 
@@ -293,6 +303,7 @@ def demo(
 
 
 EXIT_NO_DEMO_DATA = 4  # `demo` could not fetch its slide
+EXIT_NO_ATLAS = 3      # (as pipeline.EXIT_NO_ATLAS) no atlas written
 
 
 def main() -> None:
