@@ -21,9 +21,10 @@ import streamlit as st  # noqa: E402
 
 from dashboard import state  # noqa: E402
 from dashboard.data import AtlasFormatError, load  # noqa: E402
-from dashboard.views import cluster, enrichment, overview, slide  # noqa: E402
+from dashboard.views import cluster, enrichment, fidelity, overview, slide  # noqa: E402
 
-VIEWS = {"overview": overview, "cluster": cluster, "slides": slide, "enrichment": enrichment}
+VIEWS = {"overview": overview, "cluster": cluster, "slides": slide, "enrichment": enrichment,
+         "fidelity": fidelity}
 
 CSS = """<style>
 [data-testid="stCaptionContainer"], [data-testid="stImageCaption"] {font-size: 0.95rem;}

@@ -4,8 +4,9 @@ A widget's value is seeded from `st.query_params` when it is first drawn in a se
 link reopens the same view) and written back on every run. Parameters of widgets that are not on
 the current page stay in the URL, so switching pages and back keeps them.
 
-Parameters: page, dx (diagnosis filter, repeated), color, algo, output, cluster (1-based), slide
-(slide id), layer, opacity (0-100), soft (1-based concept), tile (global tile row), target, min_share.
+Parameters: page (overview, cluster, slides, enrichment, fidelity), dx (diagnosis filter, repeated),
+color, algo, output, cluster (1-based), slide (slide id), layer, opacity (0-100), soft (1-based
+concept), tile (global tile row), target, min_share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Callable
 
 import streamlit as st
 
-PAGES = {"overview": "Overview", "cluster": "Cluster", "slides": "Slides", "enrichment": "Diagnosis enrichment"}
+PAGES = {"overview": "Overview", "cluster": "Cluster", "slides": "Slides", "enrichment": "Diagnosis enrichment",
+         "fidelity": "Fidelity"}
 _PREFIX = "url_"
 
 

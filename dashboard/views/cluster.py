@@ -1,8 +1,10 @@
-"""Concept drill-down: prototypes, typical tiles, size, composition by diagnosis (or another slide
-column), model outputs on its tiles, prevalence per slide and distance to the other concepts.
+"""Concept drill-down: prototypes, typical tiles, size, its fidelity numbers (regression coefficient,
+direction, GradCAM r; from precompute.report, see the Fidelity page), composition by diagnosis (or
+another slide column), model outputs on its tiles, prevalence per slide and distance to the other
+concepts.
 
-All numbers respect the diagnosis filter. "Tiles of concept k" = tiles whose dominant concept is k;
-"weight" = summed per-cell NMF weight (atlas tiles/weights).
+All numbers respect the diagnosis filter, except the fidelity numbers (whole atlas). "Tiles of concept
+k" = tiles whose dominant concept is k; "weight" = summed per-cell NMF weight (atlas tiles/weights).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .. import state, ui
 from ..colors import concept_color, concept_label, diagnosis_colors, legend_html
 from ..data import AtlasData
 from ..enrichment import slide_shares
+from ..fidelity import NOT_COMPUTED_CAM, FidelityError, direction, fmt, fmt_cam, report
 
 N_TYPICAL = 24
 N_PROTOTYPES = 16
@@ -38,6 +41,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     tile_ok = data.tile_mask(diagnoses)
     members = np.flatnonzero(tile_ok & (data.nmf == k))
     _metrics(data, k, slide_ok, tile_ok, members)
+    _fidelity(data, k)
 
     left, right = st.columns(2)
     with left:
@@ -67,6 +71,42 @@ def _metrics(data, k, slide_ok, tile_ok, members) -> None:
     c[1].metric("Share of all concept weight", f"{w[:, k].sum() / total:.1%}" if total > 0 else "–")
     c[2].metric("Slides where it dominates ≥ 1 tile", f"{present} / {n_ok}")
     c[3].metric("Prototypes", int((data.protos.get("cluster", np.zeros(0)) == k).sum()))
+
+
+def _fidelity(data, k) -> None:
+    """This concept's line of the fidelity report: coefficient, direction, effect per SD, GradCAM r."""
+    try:
+        rep = report(data)
+    except FidelityError as exc:
+        st.caption(f"Fidelity numbers unavailable for this atlas ({exc}).")
+        return
+    if k >= len(rep["clusters"]):
+        return
+    row = rep["clusters"][k]
+    name = rep["output"]["name"]
+    label = concept_label(k)
+    c = st.columns(4)
+    c[0].metric(f"Effect on {name} (coefficient)", fmt(row["coef"], "+.4g"), direction(row["coef"]),
+                delta_color="off", delta_arrow="off",
+                help=f"Change of the {name} logit per unit of {label}'s weight in a tile, other concepts held equal "
+                     "(linear regression over all tiles of the atlas).")
+    c[1].metric("Effect per SD", fmt(row["effect_sd"], "+.3f"),
+                help=f"The coefficient times the usual spread (standard deviation) of {label}'s weight over tiles.")
+    if rep["gradcam"]:
+        c[2].metric("GradCAM r, all tiles", fmt_cam(row["cam_r_mean"], row["cam_r_std"]),
+                    f"n = {row['cam_n']}", delta_color="off", delta_arrow="off",
+                    help=f"Per tile, correlation of {label}'s map with the GradCAM map of {name} (mean ± std).")
+        c[3].metric("GradCAM r, positive tiles", fmt_cam(row["cam_r_pos_mean"], row["cam_r_pos_std"]),
+                    f"n = {row['cam_n_pos']}", delta_color="off", delta_arrow="off",
+                    help=f"The same over the tiles the model calls positive for {name}.")
+    else:
+        c[2].caption(f"{NOT_COMPUTED_CAM}.")
+    source = "computed now from the tiles" if rep["source"] == "computed" else "stored by the run"
+    cols = st.columns([5, 1])
+    cols[0].caption(f"Fidelity ({source}; whole atlas, not filtered): the concepts explain {name} with R² "
+                    f"{fmt(rep['regression']['r2'])} in-sample, {fmt(rep['regression']['r2_cv'])} cross-validated.")
+    cols[1].button("Fidelity page", key="open_fidelity", on_click=state.go, kwargs={"page": "fidelity"},
+                   icon=":material/query_stats:")
 
 
 def _prototypes(data, k, slide_ok) -> None:

@@ -1,0 +1,151 @@
+"""Fidelity numbers for the dashboard: `precompute.report.report_dict` cached per atlas file, and the
+tables the Fidelity page and the concept drill-down draw from it (pure functions, no Streamlit
+widgets).
+
+report_dict reads the atlas's `fidelity` group when the run stored one (source "atlas"), else it
+computes the output regression from the tile table (source "computed"); see precompute/report.py.
+It is torch-free (numpy, scikit-learn, h5py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from precompute.report import DEFAULT_OUTPUT, report_dict
+
+from .colors import concept_label
+from .data import AtlasData, file_key
+
+UP, DOWN, NONE = "pushes the prediction up", "pushes the prediction down", "no effect"
+NOT_COMPUTED_CAM = "GradCAM was not computed: re-run with --gradcam"
+
+__all__ = ["UP", "DOWN", "NONE", "NOT_COMPUTED_CAM", "FidelityError", "report", "direction", "how_chosen",
+           "regression_table", "concept_table", "cam_table", "cam_long", "grid_table", "grid_long", "fmt",
+           "fmt_cam"]
+
+
+class FidelityError(RuntimeError):
+    """The fidelity numbers cannot be read or computed for this atlas (message says why)."""
+
+
+@st.cache_data(max_entries=4, show_spinner="Reading the fidelity statistics…")
+def _report(key: str) -> dict[str, Any]:
+    return report_dict(key.split("|")[0])
+
+
+def report(data: AtlasData) -> dict[str, Any]:
+    """report_dict of the atlas behind `data`, cached by path + modification time + size.
+
+    Raises FidelityError when it cannot be produced (e.g. fewer than 2 tiles, NaN outputs)."""
+    key = data.key or file_key(data.path)
+    try:
+        return _report(key)
+    except (ValueError, KeyError, OSError, IndexError) as exc:
+        raise FidelityError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# -- wording -------------------------------------------------------------------------------------
+def direction(coef: float | None) -> str:
+    """Plain-words sign of a regression coefficient."""
+    if coef is None or not np.isfinite(coef) or coef == 0:
+        return NONE
+    return UP if coef > 0 else DOWN
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A number for display; an en dash where it is undefined (None / NaN)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return format(value, spec)
+
+
+def fmt_cam(mean: Any, std: Any) -> str:
+    """'+0.10 ± 0.21' (GradCAM r), or an en dash when undefined."""
+    if mean is None:
+        return "–"
+    return f"{mean:+.2f} ± {fmt(std, '.2f')}"
+
+
+def how_chosen(rep: dict[str, Any], attrs: dict[str, Any]) -> str:
+    """One sentence on how the explained output was chosen."""
+    name = rep["output"]["name"]
+    if rep["source"] == "computed":
+        return (f"The run did not choose an output to explain, so the dashboard picked **{name}**: "
+                f"{DEFAULT_OUTPUT} (the tumour class) when the model has it, else the model's first output. "
+                "To explain another output, re-run with `--explain NAME`.")
+    found = re.search(r"--explain(?:=|\s+)(\"[^\"]*\"|'[^']*'|\S+)", str(attrs.get("command_line", "")))
+    if found:
+        return f"Chosen when the atlas was computed, on the command line: `--explain {found.group(1)}`."
+    return (f"Chosen by the run's default: {DEFAULT_OUTPUT} (the tumour class) when the model has it, else the "
+            "model's only output, or the second of two (the positive class).")
+
+
+# -- tables --------------------------------------------------------------------------------------
+def regression_table(rep: dict[str, Any]) -> pd.DataFrame:
+    """One row: the output regression (for display and CSV)."""
+    reg = rep["regression"]
+    return pd.DataFrame([{
+        "output": rep["output"]["name"], "output_index": rep["output"]["index"], "threshold": rep["threshold"],
+        "r2_in_sample": reg["r2"], "r2_cross_validated": reg["r2_cv"], "n_folds": reg["n_folds"],
+        "grouping": rep["grouping"], "n_groups": reg["n_groups"], "n_tiles": reg["n_tiles"],
+        "intercept": reg["intercept"], "note": reg["note"], "source": rep["source"],
+        "nmf_relative_error": rep["nmf_relative_error"]}])
+
+
+def concept_table(rep: dict[str, Any]) -> pd.DataFrame:
+    """Per concept: tiles, share, coefficient, effect per SD, direction (plain words)."""
+    rows = [{"concept": concept_label(c["cluster"] - 1), "tiles": c["tiles"], "share_of_tiles": c["share"],
+             "coef": c["coef"], "effect_per_sd": c["effect_sd"], "direction": direction(c["coef"])}
+            for c in rep["clusters"]]
+    return pd.DataFrame(rows, columns=["concept", "tiles", "share_of_tiles", "coef", "effect_per_sd", "direction"])
+
+
+def cam_table(rep: dict[str, Any]) -> pd.DataFrame:
+    """Per concept: GradCAM r mean, std and tile count over all tiles and over positive tiles.
+    Empty when GradCAM was not computed."""
+    cols = ["concept", "r_mean_all", "r_std_all", "n_all", "r_mean_positive", "r_std_positive", "n_positive"]
+    if not rep["gradcam"]:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame([{"concept": concept_label(c["cluster"] - 1), "r_mean_all": c["cam_r_mean"],
+                          "r_std_all": c["cam_r_std"], "n_all": c["cam_n"], "r_mean_positive": c["cam_r_pos_mean"],
+                          "r_std_positive": c["cam_r_pos_std"], "n_positive": c["cam_n_pos"]}
+                         for c in rep["clusters"]], columns=cols)
+
+
+def cam_long(rep: dict[str, Any]) -> pd.DataFrame:
+    """Long form of cam_table for the error-bar chart: concept, tiles (set), mean, std, lo, hi, n."""
+    rows = []
+    for c in rep.get("clusters", []) if rep["gradcam"] else []:
+        for label, m, s, n in (("all tiles", "cam_r_mean", "cam_r_std", "cam_n"),
+                               ("positive tiles", "cam_r_pos_mean", "cam_r_pos_std", "cam_n_pos")):
+            mean, std = c[m], c[s]
+            lo = hi = None
+            if mean is not None:
+                lo, hi = max(-1.0, mean - (std or 0.0)), min(1.0, mean + (std or 0.0))
+            rows.append({"concept": concept_label(c["cluster"] - 1), "tiles": label, "mean": mean, "std": std,
+                         "lo": lo, "hi": hi, "n": c[n]})
+    return pd.DataFrame(rows, columns=["concept", "tiles", "mean", "std", "lo", "hi", "n"])
+
+
+GRID_MEASURES = {"nmf_rel_error": ("NMF", "reconstruction error"), "nmf_r2": ("NMF", "R² in-sample"),
+                 "nmf_r2_cv": ("NMF", "R² cross-validated"), "kmeans_rel_error": ("k-means", "reconstruction error"),
+                 "kmeans_r2": ("k-means", "R² in-sample"), "kmeans_r2_cv": ("k-means", "R² cross-validated")}
+
+
+def grid_table(rep: dict[str, Any]) -> pd.DataFrame:
+    """The K grid, one row per K, with a flag on this atlas's K."""
+    cols = ["k", *GRID_MEASURES, "this_atlas"]
+    rows = [{**r, "this_atlas": r["k"] == rep["k"]} for r in rep["k_grid"]]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def grid_long(rep: dict[str, Any]) -> pd.DataFrame:
+    """Long form of the K grid for the line charts: k, method, measure, value (undefined values dropped)."""
+    rows = [{"k": r["k"], "method": method, "measure": measure, "value": r[key]}
+            for r in rep["k_grid"] for key, (method, measure) in GRID_MEASURES.items() if r.get(key) is not None]
+    return pd.DataFrame(rows, columns=["k", "method", "measure", "value"])
