@@ -19,6 +19,7 @@ from .fidelity import k_grid, output_regression, summarise_cam_correlation
 from .nmf import TorchNMF
 from .store import AtlasWriter
 
+MIN_TILES = 3  # fewer tiles than this cannot support even an in-sample regression on K weights
 K_GRID_MAX_CELLS = 20_000  # cells used per K: enough to rank K values, cheap enough to fit several
 
 
@@ -33,6 +34,11 @@ def tile_groups(w: AtlasWriter) -> tuple[np.ndarray, str]:
 
 def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_parts: list[Path],
                    output_index: int, output_name: str, say: Callable[[str], None]) -> None:
+    """Add the fidelity group; skipped with a note when the atlas is too small for a regression."""
+    if w.n_tiles < MIN_TILES:
+        say(f"note: fidelity statistics skipped: {w.n_tiles} tiles (a regression needs at least {MIN_TILES}); "
+            "`python -m precompute report` says the same")
+        return
     weights = w.tile_column("weights").astype(np.float64)
     outputs = w.tile_column("outputs")
     y = outputs[:, output_index].astype(np.float64)

@@ -1,6 +1,6 @@
 """The dashboard's Fidelity page and the fidelity numbers on the concept drill-down, through Streamlit's
 AppTest: on a real atlas with stored fidelity results and GradCAM (8 BreakHis images run with
-`--gradcam --explain MUC`), on the shared mini atlas that has none (computed on the fly), and on
+`--gradcam --explain MUC`), on the shared mini atlas with its fidelity group removed (computed on the fly), and on
 small atlases written with the store's writer (one slide: no cross-validation; undefined values).
 Every number shown is checked against `precompute.report.report_dict`.
 
@@ -191,7 +191,23 @@ def test_page_with_stored_fidelity_and_gradcam(fid_atlas, monkeypatch):
     assert sum("CSV" in lab for lab in labels) == 4, labels
 
 
-def test_page_computes_on_the_fly_without_a_fidelity_group(dash_atlas, monkeypatch):
+@pytest.fixture()
+def atlas_without_fidelity(dash_atlas, tmp_path):
+    """The test atlas as an older run (or one with no output to explain) leaves it: no fidelity group."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "no-fidelity.h5"
+    shutil.copy(dash_atlas, path)
+    with h5py.File(path, "r+") as f:
+        if "fidelity" in f:
+            del f["fidelity"]
+    return path
+
+
+def test_page_computes_on_the_fly_without_a_fidelity_group(atlas_without_fidelity, monkeypatch):
+    dash_atlas = atlas_without_fidelity
     rep = report_dict(dash_atlas)
     assert rep["source"] == "computed" and not rep["gradcam"] and not rep["k_grid"]
     at = open_app(dash_atlas, monkeypatch, page="fidelity")
