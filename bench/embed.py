@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m precompute` sets it, before torch loads
 import statistics
 import sys
 import tempfile

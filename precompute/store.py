@@ -95,6 +95,9 @@ class _Appendable:
         self.ds = group.create_dataset(
             name, shape=(0,) + row_shape, maxshape=(None,) + row_shape, dtype=dtype,
             chunks=(chunk_rows(int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize),) + row_shape,
+            # LZF: fast enough not to slow reads, and a part-filled last chunk (the whole column in a
+            # small atlas) costs its content, not a full MiB.
+            compression="lzf",
         )
 
     def append(self, rows: np.ndarray) -> None:

@@ -108,7 +108,7 @@ def _shrink(rgb: np.ndarray, max_px: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
-def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 80) -> bytes:
+def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 70) -> bytes:
     """Encode an (h, w, 3) uint8 image as JPEG, optionally resized to side x side."""
     img = Image.fromarray(rgb)
     if side is not None and img.size != (side, side):
