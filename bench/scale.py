@@ -91,16 +91,16 @@ def main() -> None:
             block = t["embedding"][idx[e]].astype(np.float32)
             block *= 1 + 0.1 * rng.standard_normal(block.shape, dtype=np.float32)
             emb[e] = np.maximum(block, 0)
+    # The stages take the float16 embeddings as the atlas stores them and convert batch by batch,
+    # exactly as precompute.assemble does.
     with Stage("k-means fit (100k) + assign"):
-        x32 = emb.astype(np.float32)
-        km = fit_kmeans(x32, a.k, seed=0)
-        labels, _ = assign(km, x32)
+        km = fit_kmeans(emb, a.k, seed=0)
+        labels, _ = assign(km, emb)
     with Stage("PCA projection"):
-        coords, params = project(x32, method="pca", seed=0)
+        coords, params = project(emb, method="pca", seed=0)
     if a.umap:
         with Stage("UMAP projection (fit 50k)"):
-            project(x32, method="umap", seed=0)
-    del x32
+            project(emb, method="umap", seed=0)
     out = a.out or Path(tempfile.mkdtemp()) / "scale.h5"
     per_slide = n // a.slides
     with Stage("atlas write"):

@@ -80,7 +80,7 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
             w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
 
         say(f"clustering {w.n_tiles} tiles (k-means) and projecting them ({cfg.projection})")
-        emb = w.tile_column("embedding").astype(np.float32)
+        emb = w.tile_column("embedding")  # float16; k-means and PCA convert batch by batch
         kk = cfg.kmeans_k or k
         facts: dict[str, Any] = {"tiles": int(w.n_tiles)}
         if len(emb) >= kk:

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .activations import Concepts
+from .clustering import sample_rows
 from .concepts import pool_cells
 from .config import RunConfig
 from .fidelity import k_grid, output_regression, summarise_cam_correlation
@@ -21,6 +22,7 @@ from .store import AtlasWriter
 
 MIN_TILES = 3  # fewer tiles than this cannot support even an in-sample regression on K weights
 K_GRID_MAX_CELLS = 20_000  # cells used per K: enough to rank K values, cheap enough to fit several
+K_GRID_MAX_TILES = 50_000  # tiles whose regression R^2 is compared across K (a seeded sample)
 
 
 def tile_groups(w: AtlasWriter) -> tuple[np.ndarray, str]:
@@ -72,6 +74,7 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
             def nmf_fit(V, k, seed):
                 return TorchNMF(n_components=k, seed=seed, max_iter=cfg.nmf_max_iter).fit(V).components_
 
-            grid = k_grid(cells, w.tile_column("embedding").astype(np.float32), y, groups, ks, seed=cfg.seed,
-                          nmf_fit=nmf_fit)
+            rows = sample_rows(len(y), K_GRID_MAX_TILES, cfg.seed)
+            grid = k_grid(cells, w.tile_column("embedding")[rows].astype(np.float32), y[rows], groups[rows], ks,
+                          seed=cfg.seed, nmf_fit=nmf_fit)
             w.put_group("fidelity/k_grid", {k: np.asarray(v) for k, v in grid.items()})
