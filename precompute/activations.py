@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -244,16 +244,12 @@ def _as_is(item):
     return item
 
 
-def stream_slides(stream: TileStream, workers: int, on_item: Callable[[object], None] | None = None
-                  ) -> Iterator[object]:
+def stream_slides(stream: TileStream, workers: int) -> Iterator[object]:
     """Iterate the worker messages (SlidePlan, TileBatch, SlideEnd, SlideFailed) in arrival order."""
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         prefetch_factor=4 if workers else None)
-    for item in loader:
-        if on_item:
-            on_item(item)
-        yield item
+    yield from loader
 
 
 __all__ = ["Concepts", "Engine", "LayerProbe", "layer_geometry", "pick_device", "stream_slides",

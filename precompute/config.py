@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,10 @@ class RunConfig:
     gradcam: bool = False               # compute GradCAM of explain_output in the full pass (a backward pass)
     positive_threshold: float = 0.5     # probability above which the model "calls a tile positive"
     k_grid: tuple[int, ...] = (4, 6, 8, 10)  # K values compared on the calibration sample
-    # execution (do not change results)
+    # execution: never part of a part file's key, they do not change results
     batch_size: int = 32
     workers: int = 1
     device: str = "auto"
-
-    RESULT_NEUTRAL = ("batch_size", "workers", "device")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +67,3 @@ class RunConfig:
         names = ("edge_cells", "thumb_px", "output_activation", "prototypes_per_cluster", "gradcam")
         extra = {"concepts": concepts_sha, "cam_output": self.explain_output if self.gradcam else None}
         return self._key(self.tiling_names() + names, extra)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .activations import Concepts, Engine, stream_slides
+from .activations import Engine, stream_slides
 from .cohort import SlideRecord
 from .config import RunConfig
 from .fidelity import cam_cluster_correlation

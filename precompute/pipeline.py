@@ -29,7 +29,7 @@ from .config import RunConfig
 from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
 from .parts import is_done, part_name, read_part_attrs, save_part
-from .passes import LayerInfo, PassStats, run_pass
+from .passes import LayerInfo, run_pass
 from .runlog import PassProgress, RunLog
 from .tile_stream import SlideJob
 
