@@ -61,3 +61,24 @@ def dash_atlas(tmp_path_factory) -> Path:
     if not DATA.is_dir():
         pytest.skip(f"real test data not found at {DATA} (a plain clone has no ../shared/data)")
     return build_atlas(DATA, tmp_path_factory.getbasetemp() / "dashboard-atlas")
+
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+def run_app(atlas, monkeypatch, check, **params):
+    """Run the app once through Streamlit's AppTest on `atlas` (None: no atlas given) with the given
+    query parameters, then `check(at)` (each test module decides what counts as a clean page)."""
+    from streamlit.testing.v1 import AppTest
+
+    if atlas is None:
+        monkeypatch.delenv("LUMEN_ATLAS", raising=False)
+    else:
+        monkeypatch.setenv("LUMEN_ATLAS", str(atlas))
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    at = AppTest.from_file(APP, default_timeout=120)
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    check(at)
+    return at

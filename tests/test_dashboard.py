@@ -19,27 +19,16 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_fixtures import REPO, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
+from dashboard_fixtures import APP, REPO, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
 from precompute.store import Atlas
 
-APP = str(REPO / "dashboard" / "app.py")
 PAGES = ("overview", "cluster", "slides", "enrichment")
 
 
 # -- helpers --------------------------------------------------------------------------------
 def open_app(atlas: Path | str | None, monkeypatch, **params) -> AppTest:
     """Run the app once on `atlas` with the given query parameters; fail on any exception."""
-    if atlas is None:
-        monkeypatch.delenv("LUMEN_ATLAS", raising=False)
-    else:
-        monkeypatch.setenv("LUMEN_ATLAS", str(atlas))
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in params.items():
-        at.query_params[key] = value
-    at.run()
-    assert_clean(at)
-    return at
+    return run_app(atlas, monkeypatch, assert_clean, **params)
 
 
 def assert_clean(at: AppTest) -> None:

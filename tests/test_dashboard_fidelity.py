@@ -21,10 +21,9 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_fixtures import BREAKHIS_ROWS, DATA, REPO, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
+from dashboard_fixtures import APP, BREAKHIS_ROWS, DATA, REPO, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
 from precompute.report import report_dict
 
-APP = str(REPO / "dashboard" / "app.py")
 NO_CAM = "GradCAM was not computed: re-run with --gradcam"
 
 
@@ -95,14 +94,7 @@ def _write_atlas(path: Path, slides: list[tuple[str, str, str]], fidelity: bool,
 
 # -- helpers --------------------------------------------------------------------------------------
 def open_app(atlas: Path, monkeypatch, **params) -> AppTest:
-    monkeypatch.setenv("LUMEN_ATLAS", str(atlas))
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in params.items():
-        at.query_params[key] = value
-    at.run()
-    assert_clean(at)
-    return at
+    return run_app(atlas, monkeypatch, assert_clean, **params)
 
 
 def assert_clean(at: AppTest) -> None:
