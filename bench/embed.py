@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from precompute.activations import Concepts, Engine, layer_geometry, pick_device  # noqa: E402
 from precompute.cohort import SlideRecord  # noqa: E402
 from precompute.config import RunConfig  # noqa: E402
-from precompute.models import find_layer, load_model, normalise_on_device  # noqa: E402
+from precompute.models import default_relu, find_layer, load_model, normalise_on_device  # noqa: E402
 from precompute.passes import LayerInfo, run_pass  # noqa: E402
 from precompute.slides import open_slide  # noqa: E402
 from precompute.tile_stream import SlideJob  # noqa: E402
@@ -150,7 +150,7 @@ def main() -> None:
     device = pick_device(args.device)
     loaded = load_model(args.model)
     args.layer = args.layer or loaded.spec.default_layer
-    args.relu = loaded.spec.relu_on_layer if args.relu is None else args.relu
+    args.relu = default_relu(loaded.spec, args.layer) if args.relu is None else args.relu
     layer_mod = find_layer(loaded.module, args.layer)
     tile_px = loaded.spec.input_px
     c, h, w = layer_geometry(loaded.module, layer_mod, tile_px)

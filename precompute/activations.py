@@ -36,6 +36,44 @@ class Concepts:
     scale: np.ndarray | None = None
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision the model runs in on `device` (bf16, else fp16 on CUDA), None for fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def compute_signature(device: torch.device) -> str:
+    """Device type and precision, e.g. 'cpu-fp32' or 'cuda-bf16': part of every part file's key, because
+    a layer's activations differ between devices and precisions and must not be mixed in one atlas."""
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return f"{device.type}-{names[autocast_dtype(device)]}"
+
+
+def outputs_match(ref: torch.Tensor, alt: torch.Tensor, rel_tol: float) -> bool:
+    """Same shape, finite, and max |ref - alt| <= rel_tol * max(1, max |ref|)."""
+    ref, alt = ref.float(), alt.float()
+    if ref.shape != alt.shape or not bool(torch.isfinite(alt).all()):
+        return False
+    return float((ref - alt).abs().max()) <= rel_tol * max(1.0, float(ref.abs().max()))
+
+
+def prefer_channels_last(model: torch.nn.Module, x: torch.Tensor, rel_tol: float = 1e-3) -> bool:
+    """Dry run of one real batch x (N, 3, H, W) in both memory layouts. True (model left channels_last)
+    only when the channels_last run succeeds and gives the same outputs as the model's own contiguous
+    layout; else the model is put back in contiguous format and False is returned. A model whose
+    forward calls `.view` on a non-contiguous tensor fails the channels_last run and stays NCHW."""
+    ref = _outputs_2d(model(x.contiguous()))
+    try:
+        model.to(memory_format=torch.channels_last)
+        same = outputs_match(ref, _outputs_2d(model(x.contiguous(memory_format=torch.channels_last))), rel_tol)
+    except RuntimeError:
+        same = False
+    if not same:
+        model.to(memory_format=torch.contiguous_format)
+    return same
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU."""
     if name == "auto":
@@ -64,12 +102,15 @@ class LayerProbe:
         self.out: dict[str, torch.Tensor] = {}
         self.want_grad = False
         self.grad_ref: torch.Tensor | None = None
+        self.enabled = True  # False during the memory-layout dry run
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
         self.handle.remove()
 
     def _hook(self, module, inputs, output):
+        if not self.enabled:
+            return None
         a = output[0] if isinstance(output, (tuple, list)) else output
         if a.ndim != 4:
             raise ValueError(f"the hooked layer gives a {a.ndim}-d output {tuple(a.shape)}; choose a "
@@ -178,8 +219,9 @@ class Engine:
         self.relu = relu
         for p in self.model.parameters():
             p.requires_grad_(False)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # Inputs go in the model's own (contiguous NCHW) layout. channels_last is faster on CUDA, but only
+        # used after a dry run on the first real batch shows identical outputs (prefer_channels_last).
+        self.channels_last: bool | None = None if device.type == "cuda" else False
         self.probe = LayerProbe(layer, relu=relu, concepts=concepts, device=device, calib_cells=calib_cells)
         self.calib_cells = calib_cells
         self.output_activation = output_activation
@@ -199,10 +241,18 @@ class Engine:
         return torch.relu((alpha * act).sum(dim=1))
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        dtype = autocast_dtype(self.device)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def _choose_layout(self, x: torch.Tensor) -> None:
+        self.probe.enabled = False
+        try:
+            # The tolerance allows for the different kernels of reduced-precision autocast.
+            tol = 1e-3 if autocast_dtype(self.device) is None else 3e-2
+            with torch.inference_mode(), self._autocast():
+                self.channels_last = prefer_channels_last(self.model, x, tol)
+        finally:
+            self.probe.enabled = True
 
     def run(self, pixels: torch.Tensor, cell_index: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """pixels: (B, H, W, 3) uint8 on the host. Returns numpy arrays keyed like LayerProbe.out plus
@@ -213,7 +263,9 @@ class Engine:
         with mode:
             x = pixels.to(self.device, non_blocking=True)
             x = normalise_on_device(x, self.spec)
-            if self.device.type == "cuda":
+            if self.channels_last is None:
+                self._choose_layout(x)
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.probe.cell_index = cell_index
             self.probe.want_grad = cam

@@ -146,7 +146,7 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
     from .cohort import CohortError, load_cohort
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
-    from .models import ModelError
+    from .models import ModelError, default_relu
 
     if projection not in ("pca", "umap"):
         _fail(f"--projection must be pca or umap, got {projection!r}")
@@ -166,7 +166,7 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
     if workers < 0:
         workers = max(0, min(8, (os.cpu_count() or 2) - 1))
     cfg = RunConfig(model=model, layer=layer, arch=arch, model_sha256=loaded.sha256,
-                    relu=spec.relu_on_layer if relu is None else relu, tile_px=tile, stride_px=stride_px or tile,
+                    relu=default_relu(spec, layer) if relu is None else relu, tile_px=tile, stride_px=stride_px or tile,
                     target_mpp=target_mpp, cli_mpp=mpp, native_resolution=native_resolution, min_tissue=min_tissue,
                     edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
                     calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,

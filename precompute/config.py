@@ -15,7 +15,7 @@ class RunConfig:
     layer: str
     arch: str | None = None
     model_sha256: str | None = None
-    relu: bool = False              # apply ReLU to the captured activations (see models.ModelSpec.relu_on_layer)
+    relu: bool = False              # apply ReLU to the captured activations (default: models.default_relu)
     # tiling
     tile_px: int = 224              # tile side fed to the model
     stride_px: int = 224            # grid step; < tile_px gives overlapping tiles
@@ -41,6 +41,9 @@ class RunConfig:
     gradcam: bool = False               # compute GradCAM of explain_output in the full pass (a backward pass)
     positive_threshold: float = 0.5     # probability above which the model "calls a tile positive"
     k_grid: tuple[int, ...] = (4, 6, 8, 10)  # K values compared on the calibration sample
+    # device type and precision the model runs in (activations.compute_signature, set by the run):
+    # part of every part file's key, so a run resumed on another device or precision redoes those slides
+    compute: str = "cpu-fp32"
     # execution: never part of a part file's key, they do not change results
     batch_size: int = 32
     workers: int = 1
@@ -56,7 +59,7 @@ class RunConfig:
 
     def tiling_names(self) -> tuple[str, ...]:
         return ("model", "layer", "arch", "model_sha256", "relu", "tile_px", "stride_px", "target_mpp",
-                "cli_mpp", "native_resolution", "min_tissue")
+                "cli_mpp", "native_resolution", "min_tissue", "compute")
 
     def calibration_key(self) -> str:
         """What a per-slide calibration sample depends on."""

@@ -38,6 +38,8 @@ import torch
 BUILTIN_MODELS = ("capricorn-crc",)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIP_PREFIXES = ("module.", "model.")
+# DenseNet.forward: out = F.relu(self.features(x)); features ends with norm5, so both names see it.
+_DENSENET_RELU = ("features.norm5", "features")
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _SCRIPT_HOOKS_MSG = (
     "This model was loaded from a TorchScript file, and torch refuses forward hooks on ScriptModules "
@@ -56,9 +58,10 @@ class ModelSpec:
 
     Input = (uint8 * scale - mean) / std, per RGB channel. class_names: for classifiers, the names of
     the output columns (probabilities = softmax, or sigmoid for a single output). default_layer: the
-    layer whose activations are clustered when the user names none. relu_on_layer: apply ReLU to the
-    captured activations, for models that apply their last non-linearity as a function rather than a
-    module (torchvision DenseNet calls F.relu after features.norm5 in forward()).
+    layer whose activations are clustered when the user names none. relu_after: the layers whose output
+    the network itself passes through a functional ReLU (not a module, so no hook sees it); Lumen applies
+    ReLU to the captured activations of those layers only (torchvision DenseNet calls F.relu on the
+    output of `features`, i.e. of features.norm5, in forward()). Any other layer is taken as it is.
     """
 
     name: str
@@ -68,7 +71,7 @@ class ModelSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     class_names: tuple[str, ...] | None = None
     default_layer: str | None = None
-    relu_on_layer: bool = False
+    relu_after: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise types here so a spec built from CLI lists or JSON compares and hashes like any other.
@@ -87,6 +90,13 @@ class ModelSpec:
             raise ModelError(f"Model {self.name!r}: std values must be > 0, got {self.std!r}")
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "relu_after", tuple(str(n) for n in self.relu_after))
+
+
+def default_relu(spec: ModelSpec, layer: str) -> bool:
+    """Whether the captured activations of `layer` get a ReLU by default: only where the network applies
+    one as a function right after that layer (spec.relu_after); elsewhere the layer is taken as it is."""
+    return layer in spec.relu_after
 
 
 @dataclass
@@ -168,7 +178,8 @@ def _load_builtin(name: str) -> LoadedModel:
 
     net = capricorn.build_capricorn_crc()
     spec = ModelSpec(name=name, input_px=224, scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                     class_names=capricorn.CAPRICORN_CLASSES, default_layer="features.norm5", relu_on_layer=True)
+                     class_names=capricorn.CAPRICORN_CLASSES, default_layer="features.norm5",
+                     relu_after=_DENSENET_RELU)
     return LoadedModel(net, spec, name, sha256_file(capricorn.capricorn_keras_path()), "builtin")
 
 
@@ -195,7 +206,7 @@ def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None
             f"{path} holds a state_dict ({len(state)} tensors, e.g. {example}) but no architecture. "
             "Pass arch=... (--arch), the torchvision architecture it was trained with, e.g. resnet50.")
     net, default_layer, relu = _build_from_state_dict(path, state, arch, num_classes)
-    spec = ModelSpec(name=f"{arch}:{path.name}", default_layer=default_layer, relu_on_layer=relu)
+    spec = ModelSpec(name=f"{arch}:{path.name}", default_layer=default_layer, relu_after=relu)
     return LoadedModel(net, spec, model, sha256_file(path), "state_dict")
 
 
@@ -294,7 +305,7 @@ def _match_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[
 
 
 def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str,
-                           num_classes: int | None) -> tuple[torch.nn.Module, str | None, bool]:
+                           num_classes: int | None) -> tuple[torch.nn.Module, str | None, tuple[str, ...]]:
     head = _last_linear_key(arch)
     if num_classes is None and head is not None:
         # The head key may still carry wrapper prefixes ('module.fc.weight').
@@ -321,16 +332,16 @@ def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str
     return net, *_arch_defaults(arch, net)
 
 
-def _arch_defaults(arch: str, net: torch.nn.Module) -> tuple[str | None, bool]:
-    """(default layer, relu_on_layer) for common torchvision families; (None, False) otherwise."""
+def _arch_defaults(arch: str, net: torch.nn.Module) -> tuple[str | None, tuple[str, ...]]:
+    """(default layer, relu_after) for common torchvision families; (None, ()) otherwise."""
     if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return "layer4", False  # blocks end in a ReLU module: layer4's output is already non-negative
+        return "layer4", ()  # blocks end in a ReLU module: layer4's output is already non-negative
     if arch.startswith("densenet"):
-        return "features.norm5", True  # DenseNet.forward applies F.relu after norm5
+        return "features.norm5", _DENSENET_RELU
     if arch.startswith("vgg"):
         relus = [n for n, m in net.named_modules() if n.startswith("features.") and isinstance(m, torch.nn.ReLU)]
-        return (relus[-1] if relus else None), False  # last conv ReLU, e.g. features.29 for vgg16
-    return None, False
+        return (relus[-1] if relus else None), ()  # last conv ReLU, e.g. features.29 for vgg16
+    return None, ()
 
 
 def _load_factory(target: str) -> LoadedModel:
@@ -423,7 +434,8 @@ def normalise_on_device(batch_uint8_nhwc: torch.Tensor, spec: ModelSpec) -> torc
     """(N, H, W, 3) uint8 tiles -> (N, 3, H, W) float32 (x * scale - mean) / std, on the input's device.
 
     Done where the tiles already are (send uint8 to the GPU: 4x less traffic than float32). The result
-    keeps the NHWC memory layout (channels_last strides), which channels_last models consume as is.
+    is contiguous NCHW, the layout every model accepts (a forward that calls `.view` needs it); the
+    engine switches to channels_last only after checking that the model gives the same outputs.
     """
     x = batch_uint8_nhwc
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
@@ -432,5 +444,5 @@ def normalise_on_device(batch_uint8_nhwc: torch.Tensor, spec: ModelSpec) -> torc
     std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
     # One multiply-subtract: x * (scale / std) - mean / std == (x * scale - mean) / std.
-    out = x.permute(0, 3, 1, 2).to(torch.float32)
+    out = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     return out.mul_((spec.scale / std).view(1, 3, 1, 1)).sub_((mean / std).view(1, 3, 1, 1))

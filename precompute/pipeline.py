@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .activations import Engine, layer_geometry, output_count, pick_device, resolve_output
+from .activations import Engine, compute_signature, layer_geometry, output_count, pick_device, resolve_output
 from .assemble import build_atlas
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
@@ -95,8 +95,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
     if cfg.gradcam and out_index is None:
         raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
-    cfg = dataclasses.replace(cfg, explain_output=out_index)
     device = pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, explain_output=out_index, compute=compute_signature(device))
     torch.manual_seed(cfg.seed)
 
     wd = work_dir(out)

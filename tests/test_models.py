@@ -220,7 +220,7 @@ def test_capricorn_spec_defaults_and_overrides():
     assert spec.mean == (0.0, 0.0, 0.0) and spec.std == (1.0, 1.0, 1.0)
     assert spec.class_names[:9] == ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
     assert len(spec.class_names) == 24
-    assert spec.default_layer == "features.norm5" and spec.relu_on_layer
+    assert spec.default_layer == "features.norm5" and "features.norm5" in spec.relu_after
     assert find_layer(loaded.module, spec.default_layer) is loaded.module.features.norm5
     with pytest.raises(ModelError, match="arch"):
         load_model("capricorn-crc", arch="densenet121")
