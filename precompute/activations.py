@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from .fidelity import choose_output
 from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
+from .targets import target_torch
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
 
 
@@ -211,8 +212,9 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, layer: torch.nn.Module, device: torch.device,
                  *, relu: bool, concepts: Concepts | None, calib_cells: int = 0, output_activation: str = "auto",
-                 gradcam_output: int | None = None):
+                 gradcam_output: int | None = None, gradcam_target: str | None = "logit"):
         self.device = device
+        self.gradcam_target = gradcam_target or "logit"  # targets.TARGETS: what of the output GradCAM explains
         self.spec = spec
         self.model = model.to(device).eval()
         self.gradcam_output = gradcam_output
@@ -230,9 +232,11 @@ class Engine:
         self.probe.remove()
 
     def _gradcam(self, logits: torch.Tensor) -> torch.Tensor:
-        """GradCAM of output `gradcam_output` at the hooked layer: ReLU(sum_c mean_hw(dy/dA_c) A_c), (B, h, w)."""
+        """GradCAM of the target y (targets.target_torch of output `gradcam_output`) at the hooked layer:
+        ReLU(sum_c mean_hw(dy/dA_c) A_c), (B, h, w)."""
         a = self.probe.grad_ref
-        (grad,) = torch.autograd.grad(logits[:, self.gradcam_output].sum(), a)
+        y = target_torch(logits, self.gradcam_output, self.gradcam_target, self.output_activation)
+        (grad,) = torch.autograd.grad(y.sum(), a)
         act = a.detach().float()
         if self.relu:
             act = torch.relu(act)

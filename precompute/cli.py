@@ -101,6 +101,10 @@ def run(
     explain: Optional[str] = typer.Option(None, "--explain", help="Model output (name or index) the fidelity "
                                           "statistics explain. Default: TUM for the demo model, the only or "
                                           "positive output of one- and two-output models."),
+    target: Optional[str] = typer.Option(None, "--target", help="What of the explained output the regression, "
+                                         "GradCAM and importance explain: logit, log-odds (one-vs-rest) or "
+                                         "contrast (logit minus the mean of the others). Default: log-odds for "
+                                         "softmax heads, logit for sigmoid or single-output heads."),
     gradcam: bool = typer.Option(False, "--gradcam/--no-gradcam", help="Compute GradCAM of the explained output "
                                  "in the full pass (costs a backward pass) and correlate it with each concept."),
     positive_threshold: float = typer.Option(0.5, "--positive-threshold", min=0.0, max=1.0,
@@ -119,7 +123,7 @@ def run(
                    concepts=concepts, projection=projection, seed=seed, calib_tiles=calib_tiles,
                    calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
                    workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
-                   output_activation=output_activation, explain=explain, gradcam=gradcam,
+                   output_activation=output_activation, explain=explain, target=target, gradcam=gradcam,
                    positive_threshold=positive_threshold, k_grid=k_grid, progress=progress)
     raise typer.Exit(code)
 
@@ -138,8 +142,8 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
             stride_px=None, target_mpp=0.5, mpp=None, native_resolution=False, min_tissue=0.25, edge_cells=0,
             relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=8,
             max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
-            mean=None, std=None, output_activation="auto", explain=None, gradcam=False, positive_threshold=0.5,
-            k_grid="4,6,8,10", progress=True) -> int:
+            mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
+            positive_threshold=0.5, k_grid="4,6,8,10", progress=True) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
     import os
 
@@ -152,6 +156,11 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
         _fail(f"--projection must be pca or umap, got {projection!r}")
     if output_activation not in ("auto", "softmax", "sigmoid", "none"):
         _fail(f"--output-activation must be auto, softmax, sigmoid or none, got {output_activation!r}")
+    from .targets import check_target
+    try:
+        target = check_target(target)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         records = load_cohort(cohort)
     except (CohortError, FileNotFoundError) as exc:
@@ -170,8 +179,8 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
                     target_mpp=target_mpp, cli_mpp=mpp, native_resolution=native_resolution, min_tissue=min_tissue,
                     edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
                     calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,
-                    output_activation=output_activation, gradcam=gradcam, positive_threshold=positive_threshold,
-                    k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
+                    output_activation=output_activation, target=target, gradcam=gradcam,
+                    positive_threshold=positive_threshold, k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
     out = out.expanduser().resolve()
     if out.exists() and out.is_dir():
         _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")

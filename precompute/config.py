@@ -38,6 +38,7 @@ class RunConfig:
     output_activation: str = "auto"  # auto | softmax | sigmoid | none
     # fidelity
     explain_output: int | None = None   # model output (column) the regression and GradCAM explain
+    target: str | None = None           # logit | log-odds | contrast of that output (None: default, targets.py)
     gradcam: bool = False               # compute GradCAM of explain_output in the full pass (a backward pass)
     positive_threshold: float = 0.5     # probability above which the model "calls a tile positive"
     k_grid: tuple[int, ...] = (4, 6, 8, 10)  # K values compared on the calibration sample
@@ -69,4 +70,6 @@ class RunConfig:
         """What a per-slide full-pass result depends on: tiling, thumbnails, and the concepts H."""
         names = ("edge_cells", "thumb_px", "output_activation", "prototypes_per_cluster", "gradcam")
         extra = {"concepts": concepts_sha, "cam_output": self.explain_output if self.gradcam else None}
+        if self.gradcam and self.target not in (None, "logit"):
+            extra["cam_target"] = self.target  # the GradCAM maps depend on it (logit keeps older keys valid)
         return self._key(self.tiling_names() + names, extra)

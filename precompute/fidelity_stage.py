@@ -19,6 +19,7 @@ from .config import RunConfig
 from .fidelity import k_grid, output_regression, summarise_cam_correlation
 from .nmf import TorchNMF
 from .store import AtlasWriter
+from .targets import default_target, target_values
 
 MIN_TILES = 3  # fewer tiles than this cannot support even an in-sample regression on K weights
 K_GRID_MAX_CELLS = 20_000  # cells used per K: enough to rank K values, cheap enough to fit several
@@ -43,12 +44,14 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
         return
     weights = w.tile_column("weights").astype(np.float64)
     outputs = w.tile_column("outputs")
-    y = outputs[:, output_index].astype(np.float64)
+    target = cfg.target or default_target(cfg.output_activation, outputs.shape[1])
+    y = target_values(outputs, output_index, target, cfg.output_activation)
     groups, group_kind = tile_groups(w)
     reg = output_regression(weights, y, groups, seed=cfg.seed)
     arrays = {"coef": np.asarray(reg["coef"], np.float64), "intercept": np.atleast_1d(reg["intercept"]),
               "r2": np.atleast_1d(reg["r2"]), "r2_cv": np.atleast_1d(reg["r2_cv"])}
-    attrs = {"output_index": output_index, "output_name": output_name, "threshold": cfg.positive_threshold,
+    attrs = {"output_index": output_index, "output_name": output_name, "target": target,
+             "threshold": cfg.positive_threshold,
              "groups": group_kind, "n_folds": int(reg.get("n_folds", 0)), "n_groups": int(reg.get("n_groups", 0)),
              "cv_note": reg.get("note", ""), "has_gradcam": bool(cfg.gradcam)}
     if cfg.gradcam:
@@ -56,11 +59,12 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
         try:
             p = w.tile_column("probs")[:, output_index]
         except KeyError:
-            p = 1 / (1 + np.exp(-y))
-        cam = summarise_cam_correlation(r, p >= cfg.positive_threshold)
+            p = 1 / (1 + np.exp(-outputs[:, output_index].astype(np.float64)))
+        positive = p >= cfg.positive_threshold
+        cam = summarise_cam_correlation(r, positive)
         arrays.update({f"cam_{k}": np.asarray(v) for k, v in cam.items()})
     w.put_group("fidelity", arrays, attrs=attrs)
-    say(f"fidelity: output {output_name!r} ~ concept weights: R^2 {reg['r2']:.3f} in sample, "
+    say(f"fidelity: {target} of output {output_name!r} ~ concept weights: R^2 {reg['r2']:.3f} in sample, "
         f"{reg['r2_cv']:.3f} cross-validated by {group_kind}")
 
     if calib_parts and cfg.k_grid:
@@ -78,3 +82,4 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
             grid = k_grid(cells, w.tile_column("embedding")[rows].astype(np.float32), y[rows], groups[rows], ks,
                           seed=cfg.seed, nmf_fit=nmf_fit)
             w.put_group("fidelity/k_grid", {k: np.asarray(v) for k, v in grid.items()})
+

@@ -31,6 +31,7 @@ from .models import LoadedModel, find_layer
 from .parts import is_done, part_name, read_part_attrs, save_part
 from .passes import LayerInfo, run_pass
 from .runlog import PassProgress, RunLog
+from .targets import default_target
 from .tile_stream import SlideJob
 
 # Exit codes of `precompute run` (also in README.md).
@@ -95,8 +96,9 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
     if cfg.gradcam and out_index is None:
         raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
+    target = cfg.target or default_target(cfg.output_activation, n_out)
     device = pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, explain_output=out_index, compute=compute_signature(device))
+    cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device))
     torch.manual_seed(cfg.seed)
 
     wd = work_dir(out)
@@ -187,7 +189,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
         say(f"full pass: {summary.reused} slides already done, {len(todo)} to process")
         engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=concepts,
                         output_activation=cfg.output_activation,
-                        gradcam_output=cfg.explain_output if cfg.gradcam else None)
+                        gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target)
         try:
             progress.start("full pass", len(todo))
             st = run_pass("full", todo, by_index, engine, cfg, layer, slides_dir, skey,

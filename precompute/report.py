@@ -16,6 +16,7 @@ import numpy as np
 
 from .fidelity import choose_output, fidelity_from_atlas, output_regression
 from .store import Atlas
+from .targets import check_target, default_target, describe, target_values
 
 DEFAULT_OUTPUT = "TUM"  # explained by default when the atlas stores no choice (the demo model's tumour class)
 CAM_KEYS = ("cam_r_mean", "cam_r_std", "cam_n", "cam_r_pos_mean", "cam_r_pos_std", "cam_n_pos")
@@ -47,7 +48,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
 
     Keys: file, n_tiles, n_slides, k, source ("atlas": stored by the run; "computed": the regression
     was computed now because the atlas has no fidelity results), notes (list of str), output
-    {index, name}, threshold, grouping, gradcam (bool), regression {r2, r2_cv, n_folds, n_groups,
+    {index, name}, target (logit | log-odds | contrast), target_text (in words), threshold, grouping, gradcam (bool), regression {r2, r2_cv, n_folds, n_groups,
     n_tiles, intercept, note}, clusters (one dict per concept: cluster (1-based), tiles (dominant
     concept), share, coef, effect_sd (coef x std of the weight over tiles), direction, cam_* (K,)
     values when GradCAM was computed), k_grid (list of rows, [] when absent), nmf_relative_error.
@@ -58,6 +59,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         fid = fidelity_from_atlas(atlas)
         nmf_err = atlas.group_attrs("clusters").get("relative_error")
         n_slides = atlas.n_slides
+        config = atlas.config
         groups, grouping = _tile_groups(atlas, t["slide"])
 
     weights = np.asarray(t["weights"], dtype=np.float64)
@@ -66,6 +68,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
     if fid:
         source = "atlas"
         index, name = int(fid.get("output_index", 0)), str(fid.get("output_name", ""))
+        target = str(fid.get("target") or "logit")  # atlases written before targets existed explained the logit
         grouping = str(fid.get("groups") or grouping)
         coef = np.asarray(fid["coef"], dtype=np.float64)
         n_groups = fid.get("n_groups", len(np.unique(groups)))
@@ -81,7 +84,10 @@ def report_dict(path: str | Path) -> dict[str, Any]:
             index, name = choose_output(names, False, DEFAULT_OUTPUT)
         except ValueError:
             index, name = 0, names[0] if names else "output 0"
-        y = np.asarray(t["outputs"], dtype=np.float64)[:, index]
+        outputs = np.asarray(t["outputs"], dtype=np.float64)
+        activation = str(config.get("output_activation", "auto"))
+        target = check_target(config.get("target")) or default_target(activation, outputs.shape[1])
+        y = target_values(outputs, index, target, activation)
         res = output_regression(weights, y, groups)
         coef = res["coef"]
         reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
@@ -115,7 +121,8 @@ def report_dict(path: str | Path) -> dict[str, Any]:
                                                for key in GRID_KEYS}})
     return {
         "file": str(path), "n_tiles": int(n_tiles), "n_slides": int(n_slides), "k": int(k), "source": source,
-        "notes": notes, "output": {"index": index, "name": name}, "threshold": threshold, "grouping": grouping,
+        "notes": notes, "output": {"index": index, "name": name}, "target": target,
+        "target_text": describe(target, name), "threshold": threshold, "grouping": grouping,
         "gradcam": gradcam, "regression": reg, "clusters": clusters, "k_grid": grid_rows,
         "nmf_relative_error": _num(nmf_err),
     }
@@ -136,10 +143,10 @@ def format_report(d: dict[str, Any]) -> str:
     out = d["output"]
     reg = d["regression"]
     lines = [f"Fidelity of {d['file']}: {d['n_tiles']} tiles, {d['n_slides']} slides, K={d['k']} concepts",
-             f"explained output: {out['name']} (index {out['index']}), its logit"
+             f"explained target: {d['target_text']} (output index {out['index']}; --target {d['target']})"
              + (f"; positive tiles: probability >= {d['threshold']:g}" if d.get("threshold") is not None else "")]
     lines += [f"note: {n}" for n in d["notes"]]
-    lines += ["", "Per cluster. coef: change of the logit per unit of the concept's summed weight in a tile;",
+    lines += ["", f"Per cluster. coef: change of the {d['target']} per unit of the concept's summed weight in a tile;",
               "per SD: per standard deviation of that weight over tiles; tiles: tiles where the concept dominates."]
     header = f"{'cluster':>7}  {'tiles':>7}  {'share':>6}  {'coef':>10}  {'per SD':>8}  {'direction':<23}"
     if d["gradcam"]:

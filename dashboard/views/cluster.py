@@ -88,7 +88,7 @@ def _fidelity(data, k) -> None:
     c = st.columns(4)
     c[0].metric(f"Effect on {name} (coefficient)", fmt(row["coef"], "+.4g"), direction(row["coef"]),
                 delta_color="off", delta_arrow="off",
-                help=f"Change of the {name} logit per unit of {label}'s weight in a tile, other concepts held equal "
+                help=f"Change of the {name} {rep.get('target', 'logit')} per unit of {label}'s weight in a tile, other concepts held equal "
                      "(linear regression over all tiles of the atlas).")
     c[1].metric("Effect per SD", fmt(row["effect_sd"], "+.3f"),
                 help=f"The coefficient times the usual spread (standard deviation) of {label}'s weight over tiles.")

@@ -2,7 +2,7 @@
 
 Everything here comes from `precompute.report.report_dict` (cached per atlas file, see
 dashboard/fidelity.py): the explained output and how it was chosen; R² of a linear regression of
-that output (its logit) on the per-tile concept weights, in-sample and cross-validated with the
+that output's target (log-odds, logit or contrast) on the per-tile concept weights, in-sample and cross-validated with the
 tiles of one patient (or slide) kept together; the coefficient and effect per standard deviation of
 each concept; GradCAM agreement per concept (when the run computed GradCAM); and the K grid.
 
@@ -21,6 +21,8 @@ from ..data import AtlasData
 from ..fidelity import (DOWN, GRID_MEASURES, NOT_COMPUTED_CAM, UP, FidelityError, cam_long, cam_table, concept_table,
                         fmt, grid_long, grid_table, how_chosen, regression_table, report)
 
+TARGET_HELP = ("What of the output is explained: log-odds (one-vs-rest log(p / (1 - p))), logit (raw score) or "
+               "contrast (logit minus the mean of the other logits). Chosen with --target when the atlas was computed.")
 METHOD_COLORS = alt.Scale(domain=["NMF", "k-means"], range=["#333333", "#999999"])
 
 INTRO = (
@@ -31,7 +33,10 @@ INTRO = (
 
 HELP = """
 - **Explained output**: the model output whose behaviour is explained (for example a tumour class).
-  The regression uses its *logit*, the model's raw score before it becomes a probability.
+- **Target**: which score of that output is explained. *log-odds*: log(p / (1 - p)), the one-vs-rest
+  odds of the class (default for softmax heads); *logit*: the raw score before it becomes a
+  probability (default for sigmoid heads; for a softmax head it has a free offset, so it can be
+  negative even when the class wins); *contrast*: the logit minus the mean of the other logits.
 - **R²** (0 to 1): the part of the tile-to-tile variation of that score that the concept weights
   account for. 0.70 means the concepts explain 70 % of it; 1 would be a perfect explanation.
 - **In-sample R²** is measured on the same tiles the fit was made on, so it flatters.
@@ -84,14 +89,16 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
 def _output(data: AtlasData, rep: dict) -> None:
     st.subheader("Explained output")
     out = rep["output"]
-    c = st.columns(3)
-    c[0].metric("Explained output", out["name"], help="The model output whose logit the concepts are asked to explain.")
-    c[1].metric("Output index", out["index"], help="0-based column of the model's outputs.")
+    c = st.columns(4)
+    c[0].metric("Explained output", out["name"], help="The model output whose score the concepts are asked to explain.")
+    c[1].metric("Target", rep.get("target", "logit"), help=TARGET_HELP)
+    c[2].metric("Output index", out["index"], help="0-based column of the model's outputs.")
     thr = rep["threshold"]
-    c[2].metric("Positive tiles", f"probability ≥ {thr:g}" if thr is not None else "–",
+    c[3].metric("Positive tiles", f"probability ≥ {thr:g}" if thr is not None else "–",
                 help="A tile counts as positive (for the GradCAM figures) when the model's probability for the "
                      "explained output is at least this.")
     st.markdown(how_chosen(rep, data.attrs))
+    st.markdown(f"The regression, GradCAM and the importance explain **{rep.get('target_text', out['name'])}**.")
 
 
 def _regression(rep: dict) -> None:
@@ -167,7 +174,7 @@ def _coefficients(data: AtlasData, rep: dict) -> None:
     name = rep["output"]["name"]
     left, right = st.columns(2)
     with left:
-        ui.chart(_coef_chart(df, "coef", data.k, f"Regression coefficient per concept ({name} logit)",
+        ui.chart(_coef_chart(df, "coef", data.k, f"Regression coefficient per concept ({name} {rep.get('target', 'logit')})",
                              "← down · coefficient · up →"))
     with right:
         ui.chart(_coef_chart(df, "effect_per_sd", data.k, "Effect per standard deviation of the concept's weight",
