@@ -22,7 +22,7 @@ from precompute.models import ModelSpec
 TILE_PX = 64
 CLASSES = ("ADI", "STR", "TUM")
 SPEC = ModelSpec(name="tiny-linear-head", input_px=TILE_PX, scale=1 / 255, mean=(0.5, 0.5, 0.5),
-                 std=(0.25, 0.25, 0.25), class_names=CLASSES, default_layer="features", relu_on_layer=False)
+                 std=(0.25, 0.25, 0.25), class_names=CLASSES, default_layer="features")
 
 
 class TinyLinearHead(nn.Module):
