@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dash
 
 import streamlit as st  # noqa: E402
 
-from dashboard import state  # noqa: E402
+from dashboard import naming, state  # noqa: E402
 from dashboard.data import AtlasFormatError, load  # noqa: E402
 from dashboard.views import cluster, enrichment, fidelity, overview, slide  # noqa: E402
 
@@ -56,6 +56,7 @@ def main() -> None:
         st.error(f"**Cannot open the atlas.** {exc}")
         st.caption(f"Usage: `{USAGE}`")
         st.stop()
+    naming.setup(data, naming.notes_argument(sys.argv[1:]))
 
     with st.sidebar:
         st.title("Lumen")
@@ -67,6 +68,7 @@ def main() -> None:
         st.caption(f"Atlas `{data.path.name}`: {data.n_slides} slides, {data.n:,} tiles, K = {data.k}.")
         st.caption("The address bar holds this view (page, concept, slide, filters, colouring): "
                    "copy it to reopen the same view.")
+        naming.sidebar(data)
     VIEWS[page].render(data, diagnoses)
 
 

@@ -20,8 +20,19 @@ NO_TISSUE = (0, 0, 0, 0)  # transparent
 _VIRIDIS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]
 
 
+_NAMES: list[str] = []  # concept names of the notes file in use (one atlas and notes file per server)
+
+
+def set_concept_names(labels: list[str] | None) -> None:
+    """Labels for NMF concepts from the notes file (`precompute.notes.labels`); None = 'C1'..'CK'."""
+    _NAMES[:] = list(labels or [])
+
+
 def concept_label(k: int, prefix: str = "C") -> str:
-    """Display name of 0-based cluster k: 'C1' for NMF concept 0 (1-based like `precompute inspect`)."""
+    """Display name of 0-based cluster k: its name from the notes file, else 'C1' for NMF concept 0
+    (1-based like `precompute inspect`). k-means clusters (another prefix) are never named."""
+    if prefix == "C" and 0 <= int(k) < len(_NAMES):
+        return _NAMES[int(k)]
     return f"{prefix}{int(k) + 1}"
 
 

@@ -22,6 +22,8 @@ import streamlit as st
 
 from precompute.store import Atlas, AtlasFormatError
 
+from .colors import concept_label
+
 NO_DIAGNOSIS = "(none)"
 
 __all__ = ["AtlasData", "AtlasFormatError", "load", "NO_DIAGNOSIS"]
@@ -188,12 +190,14 @@ class AtlasData:
         return self.slides["slide_id"].to_numpy()
 
     def tile_table(self, rows: np.ndarray) -> pd.DataFrame:
-        """One row per tile: row, slide, diagnosis, x, y, concept, k-means, top output, weights (for CSV)."""
+        """One row per tile: row, slide, diagnosis, x, y, concept (number and label), k-means, top output,
+        weights (for CSV)."""
         rows = np.asarray(rows, np.int64)
         s = self.tile_slide[rows]
         df = pd.DataFrame({
             "tile": rows, "slide_id": self.slide_ids()[s], "diagnosis": self.slides["diagnosis"].to_numpy()[s],
             "x": self.x[rows], "y": self.y[rows], "concept": self.nmf[rows] + 1,
+            "concept_name": np.array([concept_label(j) for j in range(self.k)], dtype=object)[self.nmf[rows]],
         })
         if self.kmeans is not None:
             df["kmeans"] = self.kmeans[rows] + 1

@@ -100,13 +100,30 @@ def format_summary(s: dict[str, Any]) -> str:
     err = c.get("relative_error")
     lines += ["", f"clusters  NMF K={c['k']}, relative reconstruction error "
               f"{'n/a' if err is None else format(err, '.3f')}; fit {s.get('fit', {})}"]
+    if s.get("notes_source"):
+        lines.append(f"  ({s['notes_source']})")
     for row in c["nmf"]:
         mix = ", ".join(f"{d}: {n}" for d, n in row["by_diagnosis"].items())
-        lines.append(f"  {row['cluster']:2d}  {row['tiles']:8d} tiles ({row['share']:6.1%})  "
+        name = f"  {row['name']}" if row.get("name") else ""
+        lines.append(f"  {row['cluster']:2d}{name}  {row['tiles']:8d} tiles ({row['share']:6.1%})  "
                      f"{row['prototypes']} prototypes  [{mix}]")
+        if row.get("note"):
+            lines += [f"      {line}" for line in row["note"].splitlines()]
     if c["kmeans_sizes"]:
         lines.append(f"  k-means sizes: {c['kmeans_sizes']}")
     proj = s.get("projection") or {}
     lines.append(f"projection {proj.get('method', 'n/a')} {({k: v for k, v in proj.items() if k != 'method'})}")
     lines.append(f"columns   {', '.join(s['tile_columns'])}")
     return "\n".join(lines)
+
+
+def add_notes(s: dict[str, Any], notes, source: str) -> dict[str, Any]:
+    """Put concept names and notes (precompute.notes.Notes or None) into a summarise() result:
+    `name` and `note` per NMF cluster row, `notes_source` (where they came from or why ignored)."""
+    s["notes_source"] = source
+    if notes is not None:
+        s["note"] = notes.note
+    for row in s["clusters"]["nmf"]:
+        row["name"] = notes.name(row["cluster"] - 1) if notes else ""
+        row["note"] = notes.concept_note(row["cluster"] - 1) if notes else ""
+    return s

@@ -1,4 +1,4 @@
-"""Command line: `python -m precompute run | layers | inspect | demo`.
+"""Command line: `python -m precompute run | layers | inspect | report | export | demo`.
 
 Exit codes of `run` (and `demo`): 0 all slides done; 1 atlas written but some slides failed;
 2 bad input (cohort, model, layer or option; nothing was done); 3 no atlas written (no slide produced
@@ -246,19 +246,42 @@ def layers(
         out(f"{info.name:48s} {info.type_name:24s} {shape}{mark}")
 
 
+NOTES_HELP = ("Concept names and notes (JSON written by the dashboard). Default: ATLAS.notes.json beside the "
+              "atlas when it exists and belongs to this atlas.")
+
+
+def _notes(atlas: Path, notes: Optional[Path], k: int):
+    """(Notes or None, where they came from) for read-only commands; a bad --notes file exits with 2."""
+    from .notes import NotesError, resolve
+
+    try:
+        return resolve(atlas, notes, k)
+    except NotesError as exc:  # may quote text from the file: printed without markup
+        _fail_plain(str(exc))
+
+
+def _fail_plain(message: str, code: int = 2) -> None:
+    """Like _fail, for messages that quote user text (notes, names): never read as rich markup."""
+    console.print("[bold red]error:[/] ", end="")
+    console.print(message, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
 @app.command()
 def inspect(
     atlas: Path = typer.Argument(..., help="Atlas file."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary for machines."),
+    notes: Optional[Path] = typer.Option(None, "--notes", help=NOTES_HELP),
 ) -> None:
     """Summarise an atlas: slides by diagnosis, tiles, clusters with sizes, configuration."""
-    from .atlas_summary import summarise, format_summary
+    from .atlas_summary import add_notes, summarise, format_summary
     from .store import AtlasFormatError
 
     try:
         summary = summarise(atlas)
     except AtlasFormatError as exc:
         _fail(str(exc))
+    add_notes(summary, *_notes(atlas, notes, summary["clusters"]["k"]))
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -269,16 +292,73 @@ def inspect(
 def report(
     atlas: Path = typer.Argument(..., help="Atlas file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the meeting report to this HTML file instead "
+                                        "(self-contained: cohort, method, every concept with its name, notes, "
+                                        "prototypes, composition, fidelity, example slides; prints to PDF)."),
+    notes: Optional[Path] = typer.Option(None, "--notes", help=NOTES_HELP),
 ) -> None:
-    """Fidelity: how much of the model's output the concepts explain, GradCAM agreement, the K grid."""
+    """Fidelity: how much of the model's output the concepts explain, GradCAM agreement, the K grid.
+
+    With --html FILE: the meeting report as one self-contained HTML file."""
     from .report import format_report, report_dict
     from .store import AtlasFormatError
 
+    if html is not None:
+        _html_report(atlas, html, notes)
+        return
     try:
         d = report_dict(atlas)
     except AtlasFormatError as exc:
         _fail(str(exc))
     typer.echo(json.dumps(d, indent=2, default=_json_default) if as_json else format_report(d))
+
+
+def _html_report(atlas: Path, out: Path, notes: Optional[Path]) -> None:
+    from .meeting_report import write_report
+    from .store import Atlas, AtlasFormatError
+
+    if out.is_dir():
+        _fail(f"--html {out} is a folder; give a file name such as {out / 'report.html'}")
+    try:
+        with Atlas(atlas) as a:
+            k = a.k
+    except AtlasFormatError as exc:
+        _fail(str(exc))
+    found, source = _notes(atlas, notes, k)
+    if source:
+        console.print(source, markup=False, highlight=False)
+    write_report(atlas, out, found)
+    console.print(f"report: {out}", markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    atlas: Path = typer.Argument(..., help="Atlas file."),
+    geojson: Path = typer.Option(..., "--geojson", help="Folder for one GeoJSON file per slide (QuPath: drag the "
+                                 "file onto the open slide)."),
+    notes: Optional[Path] = typer.Option(None, "--notes", help=NOTES_HELP),
+) -> None:
+    """Concept regions per slide as GeoJSON in level-0 pixels, one QuPath annotation per region, classified by
+    concept name and colour, with the mean concept weight."""
+    from .geojson_export import export_geojson
+    from .store import Atlas, AtlasFormatError
+
+    if geojson.exists() and not geojson.is_dir():
+        _fail(f"--geojson {geojson} is a file; give a folder (it is created when missing).")
+    try:
+        with Atlas(atlas) as a:
+            k = a.k
+    except AtlasFormatError as exc:
+        _fail(str(exc))
+    found, source = _notes(atlas, notes, k)
+    if source:
+        console.print(source, markup=False, highlight=False)
+    try:
+        files = export_geojson(atlas, geojson, found)
+    except OSError as exc:
+        _fail(f"cannot write into {geojson}: {exc.strerror or exc}. Choose a writable folder.")
+    console.print(f"{len(files)} GeoJSON files in {geojson} (one per slide with a cluster map)",
+                  markup=False, highlight=False)
 
 
 def _json_default(value):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import state, ui
+from .. import naming, state, ui
 from ..colors import concept_color, concept_label, diagnosis_colors, legend_html
 from ..data import AtlasData
 from ..enrichment import slide_shares
@@ -37,6 +37,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     with top[1]:
         chips = legend_html([concept_label(j) for j in range(data.k)], [concept_color(j) for j in range(data.k)])
         st.markdown(f"<div style='margin-top:2.1rem'>{chips}</div>", unsafe_allow_html=True)
+    naming.concept_editor(data, k)
     slide_ok = data.slide_mask(diagnoses)
     tile_ok = data.tile_mask(diagnoses)
     members = np.flatnonzero(tile_ok & (data.nmf == k))

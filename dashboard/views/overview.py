@@ -138,14 +138,15 @@ def _density(key: str, mode: str, output: int, dx: tuple[str, ...], _data: Atlas
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _points(key: str, dx: tuple[str, ...], n_points: int, _data: AtlasData) -> pd.DataFrame:
-    """The sampled points (same for every colouring): row, px, py and the tooltip fields."""
+def _points(key: str, dx: tuple[str, ...], n_points: int, labels: tuple[str, ...], _data: AtlasData) -> pd.DataFrame:
+    """The sampled points (same for every colouring): row, px, py and the tooltip fields (`labels`:
+    the concept labels, part of the cache key so that a renamed concept is not served stale)."""
     data = _data
     rows = raster.sample_rows(data.permutation(), data.tile_mask(list(dx)), min(n_points, raster.MAX_POINTS))
     return pd.DataFrame({
         "row": rows, "px": data.proj[rows, 0], "py": data.proj[rows, 1],
         "slide": _cat(data.slide_ids(), data.tile_slide[rows]),
-        "concept": _cat([concept_label(j) for j in range(data.k)], data.nmf[rows]),
+        "concept": _cat(list(labels), data.nmf[rows]),
         "diagnosis": _cat(data.diagnoses, data.tile_diag[rows]),
         "top output": _cat(data.output_names, data.top[rows]),
         "value": data.out[rows, data.top[rows]].round(3),
@@ -155,7 +156,7 @@ def _points(key: str, dx: tuple[str, ...], n_points: int, _data: AtlasData) -> p
 def _layers(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_points: int):
     """Density PNG, points table (with the colouring's column), extent, number of filtered tiles."""
     png, ext, n_shown = _density(data.key, mode, output, dx, data)
-    pts = _points(data.key, dx, n_points, data)
+    pts = _points(data.key, dx, n_points, tuple(concept_label(j) for j in range(data.k)), data)
     rows = pts["row"].to_numpy()
     if mode == "kmeans":
         pts = pts.assign(kmeans=_cat([concept_label(j, "K") for j in range(int(data.kmeans.max()) + 1)],
