@@ -121,23 +121,35 @@ def test_report_of_a_non_atlas_exits_2(tmp_path):
 
 
 def test_geojson_export_is_valid_within_the_slide_and_covers_the_hard_map(atlas, tmp_path):
-    import shapely
-
-    from precompute.store import Atlas
-
     nm.save_concept(nm.default_path(atlas), atlas, sha(atlas), 3, 1, "stroma", "")
     out = tmp_path / "geo"
     proc = run_cli("export", str(atlas), "--geojson", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert check_geojson(atlas, out) > 0
+    names = {f["properties"]["concept"]: f["properties"]["classification"]["name"]
+             for p in out.glob("*.geojson") for f in json.loads(p.read_text())["features"]}
+    assert names[2] == "stroma" and names[1] == "C1"  # the name from the notes file beside the atlas
+
+
+def check_geojson(atlas: Path, out: Path) -> int:
+    """Every slide's file: valid polygons inside the slide whose areas equal the hard map's cells per
+    concept (level-0 px^2). Returns the number of features checked."""
+    import shapely
+
+    from precompute.store import Atlas
+
+    n = 0
     with Atlas(atlas) as a:
         slides = a.slides()
         for i, sid in enumerate(slides["slide_id"]):
-            fc = json.loads((out / f"{sid}.geojson").read_text())
-            assert fc["type"] == "FeatureCollection"
             maps = a.slide_maps(i)
+            if maps is None:
+                assert not (out / f"{sid}.geojson").exists()
+                continue
+            fc = json.loads((out / f"{sid}.geojson").read_text())
             hard, cell = maps["hard"], float(maps.attrs["cell_l0"])
             w, h = float(slides["width"][i]), float(slides["height"][i])
-            area = {}
+            area: dict[int, float] = {}
             for f in fc["features"]:
                 geom = shapely.from_geojson(json.dumps(f["geometry"]))
                 assert geom.is_valid and geom.geom_type == "Polygon"
@@ -145,12 +157,27 @@ def test_geojson_export_is_valid_within_the_slide_and_covers_the_hard_map(atlas,
                 assert 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
                 props = f["properties"]
                 assert props["objectType"] == "annotation" and len(props["classification"]["color"]) == 3
+                assert props["classification"]["name"] == props["name"]
                 assert 0 <= props["measurements"]["mean weight"] < float("inf")
                 area[props["concept"]] = area.get(props["concept"], 0.0) + geom.area
-                if props["concept"] == 2:
-                    assert props["classification"]["name"] == "stroma"
-            for j in range(1, a.k + 1):  # every concept's polygons cover exactly its cells (clipped to the slide)
+                n += 1
+            for j in range(1, a.k + 1):  # a concept's polygons cover exactly its cells, clipped to the slide
                 rows, cols = (hard == j).nonzero()
                 expect = float((((cols + 1) * cell).clip(max=w) - cols * cell) @
                                (((rows + 1) * cell).clip(max=h) - rows * cell))
                 assert area.get(j, 0.0) == pytest.approx(expect, rel=1e-9, abs=1e-6)
+    return n
+
+
+@pytest.mark.slow
+def test_real_slide_geojson_and_report(cmu_atlas, tmp_path):
+    """CMU-1-Small-Region through the demo model: the export validates and the report has a scale bar."""
+    atlas = tmp_path / "cmu.h5"
+    shutil.copyfile(cmu_atlas, atlas)
+    proc = run_cli("export", str(atlas), "--geojson", str(tmp_path / "geo"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert check_geojson(atlas, tmp_path / "geo") > 0
+    proc = run_cli("report", str(atlas), "--html", str(tmp_path / "r.html"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "r.html").read_text()
+    assert "µm/px" in text and "no scale bar" not in text

@@ -82,5 +82,9 @@ def build_tiny_atlas(folder: Path, n_slides: int = 3, k: int = 3) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_atlas(tmp_path_factory) -> Path:
-    """A 3-slide atlas of generated slides and the tiny model (built once per session, no ../shared)."""
+    """A 3-slide atlas of generated slides and the tiny model (built once per session, no ../shared;
+    LUMEN_TINY_TEST_ATLAS=/path/atlas.h5 reuses one built by `build_tiny_atlas` while iterating)."""
+    given = os.environ.get("LUMEN_TINY_TEST_ATLAS")
+    if given:
+        return Path(given)
     return build_tiny_atlas(tmp_path_factory.getbasetemp() / "tiny-atlas")
