@@ -50,7 +50,7 @@ def _load(model: str, arch, input_px, scale, mean, std):
         _fail(str(exc))
 
 
-MODEL_HELP = ("'capricorn-crc' (built-in demo), a TorchScript file, a state_dict checkpoint with --arch, "
+MODEL_HELP = ("'capricorn-crc' (built-in demo), a state_dict checkpoint with --arch, "
               "or 'package.module:factory'.")
 
 

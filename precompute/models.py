@@ -4,11 +4,10 @@
 
 - `capricorn-crc`: the built-in demo (torchvision DenseNet121 with the Capricorn 0.1 weights,
   see precompute/capricorn.py).
-- A TorchScript file (`torch.jit.save`), detected by trying `torch.jit.load`.
-  LIMITATION: torch 2.14 refuses `register_forward_hook` on ScriptModules, on the root and on every
-  submodule of a loaded archive ("register_forward_hook is not supported on ScriptModules"), so no
-  intermediate activation can be captured from a TorchScript file; `list_layers` and `find_layer`
-  raise ModelError for one. Give Lumen the eager model instead: a state_dict + `arch`, or a factory.
+- A TorchScript file (`torch.jit.save`) is recognised by its zip layout (a `code/` folder beside
+  `constants.pkl` or `.data/version`) WITHOUT loading it, and refused: loading runs the archive's
+  code (`__setstate__` methods), and torch refuses forward hooks on ScriptModules anyway, so no layer
+  could be captured. Give Lumen the eager model instead: a state_dict + `arch`, or a factory.
 - A state_dict checkpoint + `arch`, a torchvision.models classification architecture (resnet50,
   densenet121, vgg16, ...). Read with `weights_only=True` (never unpickles code), unwrapped from
   {'state_dict'|'model_state_dict'|'model': ...}, with 'module.' / 'model.' prefixes stripped when
@@ -41,11 +40,13 @@ _STRIP_PREFIXES = ("module.", "model.")
 # DenseNet.forward: out = F.relu(self.features(x)); features ends with norm5, so both names see it.
 _DENSENET_RELU = ("features.norm5", "features")
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_EAGER_ADVICE = ("Give Lumen the eager model instead: save `model.state_dict()` and pass it with --arch "
+                 "(a torchvision architecture), or pass 'package.module:factory' where factory() returns the "
+                 "nn.Module.")
 _SCRIPT_HOOKS_MSG = (
-    "This model was loaded from a TorchScript file, and torch refuses forward hooks on ScriptModules "
+    "This model is a TorchScript module, and torch refuses forward hooks on ScriptModules "
     "(register_forward_hook is not supported on ScriptModules), so Lumen cannot capture its internal "
-    "layers. Give Lumen the eager model instead: save `model.state_dict()` and pass it with --arch "
-    "(a torchvision architecture), or pass 'package.module:factory' where factory() returns the nn.Module.")
+    "layers. " + _EAGER_ADVICE)
 
 
 class ModelError(Exception):
@@ -159,7 +160,7 @@ def load_model(model: str, *, arch: str | None = None, input_px: int | None = No
         close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.6)
         hint = f" Did you mean the built-in {close[0]!r}?" if close else ""
         raise ModelError(
-            f"Model file not found: {path.resolve()}.{hint} Pass an existing TorchScript or state_dict file, "
+            f"Model file not found: {path.resolve()}.{hint} Pass an existing state_dict file with --arch, "
             f"a built-in model ({', '.join(BUILTIN_MODELS)}), or 'package.module:factory'.")
     overrides = {k: v for k, v in dict(input_px=input_px, scale=scale, mean=mean, std=std).items() if v is not None}
     if overrides:
@@ -185,7 +186,7 @@ def _load_builtin(name: str) -> LoadedModel:
 
 def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None) -> LoadedModel:
     if path.is_dir():
-        raise ModelError(f"{path} is a folder; pass the model file inside it (TorchScript or state_dict checkpoint).")
+        raise ModelError(f"{path} is a folder; pass the model file inside it (a state_dict checkpoint).")
     try:
         with open(path, "rb") as fh:
             empty = fh.read(1) == b""
@@ -195,10 +196,10 @@ def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None
         raise ModelError(f"Model file {path} is empty (0 bytes): the copy or the save was interrupted. Copy or save it again.")
     if arch is not None:
         _check_arch(arch)  # before reading a possibly large file
-    script = _try_torchscript(path)
-    if script is not None:
-        _refuse_arch(str(path), arch, num_classes, "is a TorchScript file, which carries its own architecture")
-        return LoadedModel(script, ModelSpec(name=path.name), model, sha256_file(path), "torchscript")
+    if is_torchscript_archive(path):
+        raise ModelError(f"{path} is a TorchScript archive. Lumen does not load TorchScript: loading runs code "
+                         "stored in the file, and torch refuses forward hooks on ScriptModules, so no layer could "
+                         "be captured. " + _EAGER_ADVICE)
     state = _read_checkpoint(path)
     if arch is None:
         example = ", ".join(repr(k) for k in list(state)[:3])
@@ -210,15 +211,20 @@ def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None
     return LoadedModel(net, spec, model, sha256_file(path), "state_dict")
 
 
-def _try_torchscript(path: Path) -> torch.nn.Module | None:
-    """The loaded ScriptModule, or None when `path` is not a TorchScript archive."""
+def is_torchscript_archive(path: Path) -> bool:
+    """True when `path` is a zip whose layout is TorchScript's (read from the zip directory only, nothing
+    is unpickled or run): a `code/` folder beside `constants.pkl`, or beside `.data/version`.
+    A torch.save checkpoint is a zip too, but has no `code/` folder."""
+    import zipfile
+
     try:
-        with warnings.catch_warnings():
-            # torch 2.14 marks jit.load deprecated; the user chose this format, so the warning is noise.
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu")
-    except Exception:  # any failure just means "not TorchScript"; torch.load gives the useful error next
-        return None
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    inner = {n.split("/", 1)[1] for n in names if "/" in n}
+    has_code = any(n.startswith("code/") for n in inner)
+    return has_code and ("constants.pkl" in inner or ".data/version" in inner)
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -233,7 +239,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 "which Lumen does not unpickle because that can run arbitrary code. Save model.state_dict() "
                 "and pass --arch, or pass 'package.module:factory'.") from exc
         raise ModelError(
-            f"Cannot read {path} as TorchScript or as a PyTorch checkpoint ({type(exc).__name__}: {first}). "
+            f"Cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {first}). "
             "The file may be truncated or in another format; save it again with torch.save(model.state_dict(), ...).") from exc
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -327,7 +333,8 @@ def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str
                 parts.append(f"{len(items)} {label}: {'; '.join(items[:4])}{more}")
         raise ModelError(
             f"{path} does not fit torchvision {arch} (num_classes={num_classes or 'default'}): " + " | ".join(parts)
-            + ". Check --arch is the architecture the checkpoint was trained with, and --num-classes.")
+            + ". Check that --arch is the architecture the checkpoint was trained with (the number of classes is taken "
+            "from the checkpoint's last layer).")
     net.load_state_dict(state, strict=True)
     return net, *_arch_defaults(arch, net)
 
@@ -427,7 +434,7 @@ def find_layer(module: torch.nn.Module, name: str) -> torch.nn.Module:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
     hint = f" Closest names: {', '.join(close)}." if close else ""
     raise ModelError(f"No layer named {name!r} in the model ({type(module).__name__}, {len(names)} layers).{hint} "
-                     "List them all with `python -m precompute layers MODEL`.")
+                     "List them all with `python -m precompute layers --model MODEL`.")
 
 
 def normalise_on_device(batch_uint8_nhwc: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
