@@ -21,6 +21,7 @@ from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
 from .targets import target_torch
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
+from .workers import worker_init
 
 
 class _StopForward(Exception):
@@ -304,7 +305,7 @@ def stream_slides(stream: TileStream, workers: int) -> Iterator[object]:
     """Iterate the worker messages (SlidePlan, TileBatch, SlideEnd, SlideFailed) in arrival order."""
     loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=worker_init() if workers else None)
     yield from loader
 
 

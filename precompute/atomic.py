@@ -39,13 +39,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_tmp(folder: Path) -> int:
-    """Delete temporary files left by killed runs in `folder`; returns how many."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: Path, prefix: str = "") -> int:
+    """Delete temporary files in `folder` (names starting with `prefix`) whose writing process is gone.
+
+    The pid is part of each temporary name (see tmp_name); files of living processes are left alone.
+    Returns how many files were removed.
+    """
     n = 0
     if folder.is_dir():
         for p in folder.iterdir():
-            if TMP_MARK in p.name:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    n += 1
+            stem, mark, pid = p.name.rpartition(TMP_MARK)
+            if not mark or not stem.startswith(prefix) or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
     return n

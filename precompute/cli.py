@@ -1,21 +1,27 @@
 """Command line: `python -m precompute run | layers | inspect | report | export | demo`.
 
-Exit codes of `run` (and `demo`): 0 all slides done; 1 atlas written but some slides failed;
-2 bad input (cohort, model, layer or option; nothing was done); 3 no atlas written (no slide produced
-tiles, or out of memory); 4 (`demo` only) the demo slide could not be fetched; 130 interrupted.
+Exit codes of `run` (and `demo`), as in README's table: 0 all slides done; 1 atlas written but some
+slides failed; 2 bad input (cohort, model, layer, option, or an --out that cannot be written or is
+locked by another run; nothing was done); 3 no atlas written (no slide produced tiles, too few
+calibration cells for --k, or out of memory; finished slides are kept); 4 (`demo` only) the demo slide
+could not be fetched; 5 the disk filled or the output became unwritable during the run (finished
+slides are kept, an earlier atlas is unchanged); 130 interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from .runlog import PassProgress, make_console
+from .runlog import PassProgress, group_failures, make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Lumen precompute: cluster a CNN layer's activations over a cohort of slides "
@@ -24,7 +30,8 @@ console = make_console()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    """Print `message` (plain text: user-supplied names are never read as markup) and exit with `code`."""
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -145,9 +152,8 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
             mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
             positive_threshold=0.5, k_grid="4,6,8,10", progress=True) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
-    import os
 
-    from .cohort import CohortError, load_cohort
+    from .cohort import PLAUSIBLE_MPP, CohortError, folder_skips, load_cohort
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
     from .models import ModelError, default_relu
@@ -161,10 +167,16 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
         target = check_target(target)
     except ValueError as exc:
         _fail(str(exc))
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        _fail(f"--mpp {mpp:g} um/px is outside the plausible range {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} "
+              "(0.25 for 40x, 0.5 for 20x); check the unit (um per pixel).")
     try:
         records = load_cohort(cohort)
     except (CohortError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if cohort.is_dir():
+        for name, why in folder_skips(cohort):
+            console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}")
     loaded = _load(model, arch, input_px, scale, mean, std)
     spec = loaded.spec
     layer = layer or spec.default_layer
@@ -184,33 +196,110 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
     out = out.expanduser().resolve()
     if out.exists() and out.is_dir():
         _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")
+    command_line = " ".join(shlex.quote(a) for a in sys.argv)
     bars = PassProgress(console, enabled=progress and console.is_terminal)
     try:
-        with bars:
+        with _output_lock(out, command_line), bars:
             summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, explain=explain,
-                                   say=console.print,
-                                   progress=bars, command_line=" ".join(shlex.quote(a) for a in sys.argv))
-    except (ConfigError, ModelError, ValueError) as exc:
+                                   say=console.print, progress=bars, command_line=command_line)
+    except typer.Exit:
+        raise
+    except (ConfigError, ModelError) as exc:
         _fail(str(exc))
+    except ValueError as exc:
+        _fail_value(exc)
     except KeyboardInterrupt:
         _fail("interrupted. Finished slides are kept; run the same command again to resume.", code=130)
     except MemoryError as exc:
-        _fail(f"out of memory ({exc}). Finished slides are kept. Lower --batch-size or --workers (host memory) "
-              "or --max-calib-cells, then run the same command again to resume.", code=EXIT_NO_ATLAS)
+        _fail(f"out of memory ({exc}). {_HOST_OOM_ADVICE}", code=EXIT_NO_ATLAS)
+    except OSError as exc:
+        _fail_write(exc, out)
     except RuntimeError as exc:
-        if "out of memory" not in str(exc).lower():
-            raise
-        _fail(f"the device ran out of memory: {str(exc).splitlines()[0]} Finished slides are kept. Lower "
-              "--batch-size, then run the same command again to resume.", code=EXIT_NO_ATLAS)
+        _fail_runtime(exc, out)
     _print_summary(summary)
     return summary.exit_code
+
+
+_HOST_OOM_ADVICE = ("Finished slides are kept. Lower --batch-size or --workers (host memory) or --max-calib-cells, "
+                    "then run the same command again to resume.")
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, command_line: str):
+    """Check --out can be written and lock it for this run (exit 2 before any work when not);
+    remove temporary atlas files left by killed runs."""
+    from .atomic import remove_stale_tmp
+    from .runlock import OutputError, RunLock, check_writable
+
+    try:
+        check_writable(out)
+        lock = RunLock(out, command_line).__enter__()
+    except OutputError as exc:
+        _fail(str(exc))
+    try:
+        remove_stale_tmp(out.parent, prefix=out.name)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _fail_value(exc: ValueError) -> None:
+    from .concepts import TooFewCells
+
+    _fail(str(exc), code=EXIT_NO_ATLAS if isinstance(exc, TooFewCells) else 2)
+
+
+def _fail_write(exc: Exception, out: Path) -> None:
+    """A disk or permission error while writing parts, the log or the atlas: exit 5 with the path and
+    what to do; anything else is not the user's to fix and is raised."""
+    from .runlock import write_advice, write_errno
+
+    code = write_errno(exc)
+    if code is None:
+        raise exc
+    where = getattr(exc, "filename", None) or out
+    atlas = f"the earlier atlas {out} is unchanged" if out.exists() else "no atlas was written"
+    message = (f"could not write {where}: {write_advice(OSError(code, ''))}. Finished slides are kept in "
+               f"{out.name}.parts and {atlas}; run the same command again to resume.")
+    if _hdf5_files_open():
+        # An HDF5 file whose writes failed cannot be closed; the library would retry at interpreter exit
+        # and crash (segfault). Its temporary file is already removed: leave without that exit step.
+        console.print(f"[bold red]error:[/] {escape(message)}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_WRITE_FAILED)
+    _fail(message, code=EXIT_WRITE_FAILED)
+
+
+def _hdf5_files_open() -> bool:
+    from h5py import h5f
+
+    return bool(h5f.get_obj_ids(types=h5f.OBJ_FILE))
+
+
+def _fail_runtime(exc: RuntimeError, out: Path) -> None:
+    from .runlock import write_errno
+
+    text = str(exc)
+    if write_errno(exc) is not None:  # h5py reports some write failures as RuntimeError
+        _fail_write(exc, out)
+    if "can't allocate memory" in text or "DefaultCPUAllocator" in text:
+        _fail(f"the host ran out of memory: {text.splitlines()[0]}. {_HOST_OOM_ADVICE}", code=EXIT_NO_ATLAS)
+    if "out of memory" in text.lower():
+        _fail(f"the device ran out of memory: {text.splitlines()[0]} Finished slides are kept. Lower "
+              "--batch-size, then run the same command again to resume.", code=EXIT_NO_ATLAS)
+    raise exc
 
 
 def _print_summary(s) -> None:
     console.print(f"[bold]done[/] in {s.seconds:.1f} s: {s.ok} slides ok, {s.no_tissue} without tissue, "
                   f"{s.failed} failed, {s.reused} reused from an earlier run; {s.tiles} tiles.")
-    for slide_id, error in s.failures:
-        console.print(f"  [red]failed[/] {slide_id}: {error}")
+    for ids, reason in group_failures(s.failures):
+        if len(ids) == 1:
+            console.print(f"  [red]failed[/] {escape(ids[0])}: {escape(reason)}")
+        else:
+            shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            console.print(f"  [red]{len(ids)} slides failed[/] ({escape(shown)}), all for one reason: {escape(reason)}")
     if s.atlas:
         err = s.facts.get("relative_error")
         if err is not None:
@@ -220,8 +309,8 @@ def _print_summary(s) -> None:
             shown = s.atlas.relative_to(Path.cwd())
         except ValueError:
             pass
-        console.print(f"atlas: {s.atlas}")
-        console.print(f"open it: streamlit run dashboard/app.py -- --atlas {shlex.quote(str(shown))}")
+        console.print(f"atlas: {escape(str(s.atlas))}")
+        console.print(f"open it: streamlit run dashboard/app.py -- --atlas {escape(shlex.quote(str(shown)))}")
 
 
 @app.command()
@@ -385,7 +474,7 @@ def demo(
         slide = demo_slide(say=console.print)
     except DemoDataError as exc:
         _fail(str(exc), code=EXIT_NO_DEMO_DATA)
-    console.print(f"demo slide: {slide}")
+    console.print(f"demo slide: {escape(str(slide))}")
     code = run_job(cohort=slide, model="capricorn-crc", out=out / "atlas.h5", workers=workers, device=device,
                    progress=progress)
     raise typer.Exit(code)
@@ -393,6 +482,7 @@ def demo(
 
 EXIT_NO_DEMO_DATA = 4  # `demo` could not fetch its slide
 EXIT_NO_ATLAS = 3      # (as pipeline.EXIT_NO_ATLAS) no atlas written
+EXIT_WRITE_FAILED = 5  # the disk filled or the output became unwritable during the run
 
 
 def main() -> None:

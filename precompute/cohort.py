@@ -1,14 +1,16 @@
 """A cohort of slides from a folder or a manifest CSV, checked before any work starts.
 
 Folder: every file directly inside it whose suffix is in SLIDE_SUFFIXES (case-insensitive), sorted by
-name; slide_id = file stem. Hidden files (name starting with ".", e.g. macOS "._x.svs") are skipped.
+name; slide_id = file stem. Hidden files (name starting with ".", e.g. macOS "._x.svs"), other suffixes,
+sub-folders and non-regular files are skipped; `folder_skips` lists them with the reason.
 
 Manifest CSV (UTF-8, Excel's BOM accepted; comma, semicolon or tab separated): required columns
 `slide_id,path`; optional `diagnosis`, `mpp` (um/px), `patient`; any other column is kept as metadata.
 Column names are matched case-insensitively. Relative paths resolve against the manifest's folder.
-Every problem found (missing columns, empty or duplicate ids, missing files, bad mpp) is reported
+Every problem found (missing columns, empty or duplicate ids, missing files, symlink loops, FIFOs or
+devices instead of files, an mpp outside the plausible range, two rows naming the same file) is reported
 at once in one CohortError, with rows numbered as a spreadsheet shows them (header = row 1).
-A single slide file is accepted as a cohort of one.
+A single slide file (a slide suffix, or TIFF content under another suffix) is accepted as a cohort of one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PLAUSIBLE_MPP = (0.05, 20.0)  # um/px; 0.05 is beyond any optical scanner, 20 is a 0.5x overview
+
 SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-                                   ".svslide", ".bif", ".dcm", ".png", ".jpg", ".jpeg")
+                                   ".svslide", ".bif", ".dcm", ".qptiff", ".png", ".jpg", ".jpeg")
 REQUIRED_COLUMNS = ("slide_id", "path")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + ("diagnosis", "mpp", "patient")
 _MAX_LISTED = 20  # problems listed in one error; the rest are counted
@@ -49,9 +53,37 @@ def load_cohort(source: Path) -> list[SlideRecord]:
         raise CohortError(f"{source}: not found; pass a folder of slides or a manifest CSV.")
     if source.is_dir():
         return _from_folder(source.resolve())
-    if source.suffix.lower() in SLIDE_SUFFIXES:
+    if source.suffix.lower() in SLIDE_SUFFIXES or _looks_like_tiff(source):
         return [SlideRecord(source.stem, source.resolve(), None, None, None, {})]
     return _from_manifest(source.resolve())
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    """True for TIFF/BigTIFF content (its magic bytes), whatever the suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def folder_skips(folder: Path) -> list[tuple[str, str]]:
+    """(name, reason) of every entry of a folder cohort that is not taken as a slide, sorted by name."""
+    skipped = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith("."):
+            reason = "hidden file"
+        elif p.is_dir():
+            reason = "sub-folder (sub-folders are not searched)"
+        elif not p.is_file():
+            reason = "not a regular file (a FIFO, socket, device or broken link)"
+        elif p.suffix.lower() not in SLIDE_SUFFIXES:
+            reason = f"suffix {p.suffix or '(none)'!r} is not a slide suffix"
+        else:
+            continue
+        skipped.append((p.name, reason))
+    return skipped
 
 
 def _from_folder(folder: Path) -> list[SlideRecord]:
@@ -97,6 +129,7 @@ def _from_manifest(manifest: Path) -> list[SlideRecord]:
     problems: list[str] = []
     records: list[SlideRecord] = []
     first_row_of: dict[str, int] = {}
+    rows_of: list[int] = []  # manifest row of each record
     for number, cells in enumerate(rows[1:], start=2):  # spreadsheet numbering: header is row 1
         cells = [c.strip() for c in cells]
         if not any(cells):
@@ -115,6 +148,8 @@ def _from_manifest(manifest: Path) -> list[SlideRecord]:
         rec = _record(values, number, base, problems)
         if rec is not None:
             records.append(rec)
+            rows_of.append(number)
+    _same_files(records, rows_of, problems)
     if problems:
         listed = problems[:_MAX_LISTED]
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -123,6 +158,21 @@ def _from_manifest(manifest: Path) -> list[SlideRecord]:
     if not records:
         raise CohortError(f"{manifest}: only a header (row 1) and no slides; add one row per slide below it.")
     return records
+
+
+def _same_files(records: list[SlideRecord], rows: list[int], problems: list[str]) -> None:
+    """Two ids for one file (same path, or links to one file) would put its tiles in two CV folds."""
+    first: dict[tuple[int, int], int] = {}
+    for i, rec in enumerate(records):
+        try:
+            st = rec.path.stat()
+        except OSError:
+            continue
+        j = first.setdefault((st.st_dev, st.st_ino), i)
+        if j != i:
+            problems.append(f"rows {rows[j]} and {rows[i]}: slide_ids {records[j].slide_id!r} and {rec.slide_id!r} "
+                            f"name the same file {rec.path}; its tiles would count twice (and sit in two "
+                            f"cross-validation folds). Keep one of the rows.")
 
 
 def _columns(manifest: Path, header: list[str]) -> dict[str, int]:
@@ -164,6 +214,10 @@ def _record(values: dict[str, str], number: int, base: Path, problems: list[str]
             path = Path(raw_path).expanduser()
             path = (path if path.is_absolute() else base / path).resolve()
             exists = path.exists()
+        except RuntimeError:  # Path.resolve: "Symlink loop from ..."
+            problems.append(f"row {number}: path {raw_path!r} is a symbolic link that loops back on itself; "
+                            f"point it at the slide file")
+            return None
         except (OSError, ValueError) as exc:  # e.g. a NUL byte or an over-long name
             problems.append(f"row {number}: path {raw_path!r} is not a usable file path ({exc})")
             return None
@@ -173,6 +227,10 @@ def _record(values: dict[str, str], number: int, base: Path, problems: list[str]
             ok = False
         elif path.is_dir():
             problems.append(f"row {number}: {path} is a folder, not a slide file")
+            ok = False
+        elif not path.is_file():
+            problems.append(f"row {number}: {path} is not a regular file (a FIFO, socket or device); "
+                            f"give the slide file itself")
             ok = False
     mpp = None
     raw_mpp = values.get("mpp", "")
@@ -186,6 +244,11 @@ def _record(values: dict[str, str], number: int, base: Path, problems: list[str]
         else:
             if not (math.isfinite(mpp) and mpp > 0):
                 problems.append(f"row {number}: mpp {raw_mpp!r} must be a positive number of um/px (e.g. 0.5)")
+                ok = False
+            elif not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+                problems.append(f"row {number}: mpp {raw_mpp!r} um/px is outside the plausible range "
+                                f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} (0.25 for 40x, 0.5 for 20x); check the "
+                                f"unit (um per pixel, not nm or mm)")
                 ok = False
     if not ok:
         return None

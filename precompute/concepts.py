@@ -43,6 +43,10 @@ def pool_cells(part_paths: list[Path], max_cells: int, seed: int) -> tuple[np.nd
     return V, float(V.min())
 
 
+class TooFewCells(ValueError):
+    """The calibration sample has fewer cells than K: the calibration parts are fine and are kept."""
+
+
 def fit_concepts(V: np.ndarray, k: int, seed: int, max_iter: int, device: str | None) -> tuple[Concepts, dict]:
     """NMF on the pooled cells V (n, C). Layers with negative values are first shifted by a low
     percentile, scaled by the IQR and clamped at 0 (per channel), and the same transform is kept
@@ -53,8 +57,9 @@ def fit_concepts(V: np.ndarray, k: int, seed: int, max_iter: int, device: str | 
         V, stats = make_nonnegative(V)
         shift, scale = np.asarray(stats["shift"], np.float32), np.asarray(stats["scale"], np.float32)
     if k > min(V.shape):
-        raise ValueError(f"K = {k} clusters but the calibration sample has only {V.shape[0]} cells of "
-                         f"{V.shape[1]} channels; lower --k or sample more tiles (--calib-tiles).")
+        raise TooFewCells(f"K = {k} clusters but the calibration sample has only {V.shape[0]} cells of "
+                          f"{V.shape[1]} channels; lower --k, or sample more (--calib-tiles, --calib-cells). The "
+                          f"calibration is kept: the same command with more samples only reads what is new.")
     model = TorchNMF(n_components=k, seed=seed, max_iter=max_iter, device=device).fit(V)
     facts = {"calibration_cells": int(V.shape[0]), "nmf_relative_error": float(model.reconstruction_err_),
              "nmf_iterations": int(model.n_iter_), "negative_activations": negative}

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from rich.markup import escape
+
 from .activations import Concepts
 from .clustering import sample_rows
 from .concepts import pool_cells
@@ -64,7 +66,7 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
         cam = summarise_cam_correlation(r, positive)
         arrays.update({f"cam_{k}": np.asarray(v) for k, v in cam.items()})
     w.put_group("fidelity", arrays, attrs=attrs)
-    say(f"fidelity: {target} of output {output_name!r} ~ concept weights: R^2 {reg['r2']:.3f} in sample, "
+    say(f"fidelity: {target} of output {escape(repr(output_name))} ~ concept weights: R^2 {reg['r2']:.3f} in sample, "
         f"{reg['r2_cv']:.3f} cross-validated by {group_kind}")
 
     if calib_parts and cfg.k_grid:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from .atomic import atomic_path
+from .runlock import write_errno
 from .store import pack_ragged
 
 PART_VERSION = 1
@@ -31,7 +33,20 @@ def part_name(index: int, slide_id: str) -> str:
 
 
 def save_part(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
-    """Write arrays (lists of bytes are stored ragged) and JSON-able attrs atomically."""
+    """Write arrays (lists of bytes are stored ragged) and JSON-able attrs atomically.
+
+    A full disk or a lost write permission is raised as OSError naming `path` (h5py reports some of them
+    as RuntimeError); the temporary file is removed and an earlier part at `path` is kept."""
+    try:
+        _write_part(path, arrays, attrs)
+    except (OSError, RuntimeError) as exc:
+        code = write_errno(exc)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _write_part(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["part_version"] = PART_VERSION

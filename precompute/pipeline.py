@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from rich.markup import escape
 
 from . import __version__
 from .activations import Engine, compute_signature, layer_geometry, output_count, pick_device, resolve_output
@@ -30,7 +31,8 @@ from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
 from .parts import is_done, part_name, read_part_attrs, save_part
 from .passes import LayerInfo, run_pass
-from .runlog import PassProgress, RunLog
+from .runlock import check_free_space
+from .runlog import PassProgress, RunLog, common_reason
 from .targets import default_target
 from .tile_stream import SlideJob
 
@@ -77,6 +79,9 @@ def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
     if cfg.stride_px % cell:
         raise ConfigError(f"--stride-px {cfg.stride_px} is not a multiple of the cell size ({cell} px at this "
                           f"layer); use a multiple such as {max(cell, (cfg.stride_px // cell) * cell)}.")
+    if cfg.k > layer.channels:
+        raise ConfigError(f"--k {cfg.k} is more concepts than the layer has channels ({layer.channels}); "
+                          f"use --k {layer.channels} or less, or hook a wider layer.")
     if 2 * cfg.edge_cells * cell > cfg.tile_px - cfg.stride_px:
         raise ConfigError(f"--edge-cells {cfg.edge_cells} would leave gaps: dropping {cfg.edge_cells} cells "
                           f"({cfg.edge_cells * cell} px) at each tile edge needs tiles overlapping by at least "
@@ -113,13 +118,17 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     summary = RunSummary(atlas=None)
     progress = progress or PassProgress(console=None, enabled=False)  # type: ignore[arg-type]
 
+    reasons_said: set[str] = set()
+
     def on_slide(slide_id: str, status: str, info: dict) -> None:
         progress.slide_done()
         log.event(f"slide_{status}", slide_id=slide_id, **info)
         for warning in info.get("warnings", []):
-            say(f"[yellow]warning[/] {slide_id}: {warning}")
-        if status == "failed":
-            say(f"[red]failed[/] {slide_id}: {info.get('error')}")
+            say(f"[yellow]warning[/] {escape(slide_id)}: {escape(str(warning))}")
+        reason = common_reason(slide_id, info.get("error", "")) if status == "failed" else ""
+        if reason and reason not in reasons_said:  # the same cause again is only counted (summary)
+            reasons_said.add(reason)
+            say(f"[red]failed[/] {escape(slide_id)}: {escape(str(info.get('error')))}")
 
     try:
         # 1. concepts: reuse, or calibrate and fit
@@ -127,7 +136,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
         if concepts_from is not None:
             concepts = concepts_from_atlas(concepts_from, c)
             fit_facts = {"concepts_from": str(concepts_from)}
-            say(f"reusing the {concepts.H.shape[0]} concepts of {concepts_from}")
+            say(f"reusing the {concepts.H.shape[0]} concepts of {escape(str(concepts_from))}")
         else:
             ckey = cfg.calibration_key()
             calib_paths = [calib_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
@@ -158,12 +167,15 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
                 if V.size == 0:
                     summary.failed = sum(1 for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "failed")
                     summary.failures = st.failures
-                    say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
-                        "(--min-tissue), the pixel size, and the slides themselves.")
+                    if summary.failed == len(records):
+                        say("[red]every slide failed[/] (reasons below): nothing to cluster.")
+                    else:
+                        say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
+                            "(--min-tissue), the pixel size, and the slides themselves.")
                     log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
                     return summary
                 if vmin < 0:
-                    say(f"[yellow]note[/] layer {cfg.layer} has negative values (min {vmin:.3g}); shifting by a low "
+                    say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by a low "
                         "percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
                 say(f"fitting NMF (K={cfg.k}) on {len(V)} cells x {V.shape[1]} channels")
                 concepts, fit_facts = fit_concepts(V, cfg.k, cfg.seed, cfg.nmf_max_iter,
@@ -206,7 +218,10 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
         summary.failures = [(r.slide_id, a.get("error", "")) for r, a in zip(records, statuses)
                             if a.get("status") == "failed"]
         if summary.ok == 0:
-            say("[red]no slide produced tiles[/]: no atlas written.")
+            why = ("every slide failed (reasons below)" if summary.failed == len(records) else
+                   f"{summary.no_tissue} slides without tissue tiles at --min-tissue {cfg.min_tissue:g} (the tissue "
+                   "found is in the warnings above; lower --min-tissue, 0 keeps every tile)")
+            say(f"[red]no slide produced tiles[/]: no atlas written; {why}.")
             log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no slide produced tiles")
             return summary
         root = {
@@ -218,6 +233,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             "output_names": list(loaded.spec.class_names or []), "device": str(device),
             "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
         }
+        # The atlas holds about what the slide parts hold; a write that cannot fit is not started.
+        check_free_space(out, int(1.1 * sum(p.stat().st_size for p in slide_paths if p.exists())) + (1 << 20))
         say("writing the atlas")
         fidelity = None
         if out_index is not None:

@@ -66,6 +66,19 @@ class PassProgress:
         self.progress.__exit__(*exc)
 
 
+def common_reason(slide_id: str, error: str) -> str:
+    """A slide's failure reason without the slide's own id, so equal causes can be grouped."""
+    return str(error).replace(f"slide {slide_id!r}: ", "").replace(repr(slide_id), "this slide")
+
+
+def group_failures(failures: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
+    """[(slide_id, error)] -> [(slide_ids, reason)], one entry per distinct reason, in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for slide_id, error in failures:
+        groups.setdefault(common_reason(slide_id, error), []).append(slide_id)
+    return [(ids, reason) for reason, ids in groups.items()]
+
+
 def make_console() -> Console:
     """Console on stderr, so stdout stays clean for machine-readable output (inspect --json)."""
     return Console(stderr=True, highlight=False, file=sys.stderr, soft_wrap=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings as _warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 import openslide
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-PLAUSIBLE_MPP = (0.05, 20.0)  # um/px; 0.05 is beyond any optical scanner, 20 is a 0.5x overview
+from .cohort import PLAUSIBLE_MPP  # one range for the manifest check and for file values
 
 # Suffixes only OpenSlide can read, and suffixes only Pillow can read; anything else (.tif, .tiff,
 # unknown) tries OpenSlide first and falls back to Pillow.
@@ -49,6 +50,11 @@ _LEVEL_TOLERANCE = 1.01
 # Above this many level pixels a thumbnail is built band by band, so a huge single-level file
 # never has to fit in memory at full resolution.
 _THUMB_BAND_PX = 16 * 2**20
+
+
+# The tissue overview reads at most this many px of one level (~16k x 16k): beyond that a file without
+# a pyramid would take minutes to hours per slide, so it is refused with how to make a pyramid.
+MAX_OVERVIEW_READ_PX = 2**28
 
 
 class SlideError(Exception):
@@ -117,6 +123,7 @@ class Slide:
         out_w = min(max_px, max(1, round(W * scale)))
         out_h = min(max_px, max(1, round(H * scale)))
         level = self.best_level_for_downsample(max(W / out_w, H / out_h))
+        _check_thumbnail_read(self, level)
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         if (lw, lh) == (out_w, out_h):
@@ -156,8 +163,12 @@ def open_slide(path) -> Slide:
         raise SlideError(f"{path}: is a folder, not a slide file.")
     if not os.access(path, os.R_OK):
         raise SlideError(f"{path}: cannot be read (permission denied); check the file's permissions.")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise SlideError(f"{path}: not a regular file (a FIFO, socket or device); give the slide file itself.")
+    if st.st_size == 0:
         raise SlideError(f"{path}: file is empty (0 bytes); copy or export it again.")
+    _refuse_non_brightfield(path)
     suffix = path.suffix.lower()
     reasons = []
     if suffix not in _PLAIN_ONLY:
@@ -175,6 +186,41 @@ def open_slide(path) -> Slide:
     raise SlideError(
         f"{path}: not a readable slide ({'; '.join(reasons)}). Check that the file is complete "
         f"(compare its size or checksum with the original) and in a format OpenSlide or Pillow reads.")
+
+
+def _refuse_non_brightfield(path: Path) -> None:
+    """SlideError for a TIFF that holds fluorescence or multiplexed channels instead of RGB brightfield:
+    read as RGB it would show one channel (often DAPI) as grey and find no tissue."""
+    import tifffile
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+                return
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages.first
+            grey = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+            same = sum(1 for p in tf.pages if p.shape[:2] == page.shape[:2] and p.photometric == page.photometric)
+            channels = max(page.samplesperpixel, same if grey else 1)
+            dtype = page.dtype
+    except Exception:  # not a TIFF tifffile can parse: OpenSlide and Pillow give the reason next
+        return
+    if (grey and channels > 1) or channels > 4:
+        raise SlideError(
+            f"{path}: a {channels}-channel fluorescence or multiplexed image ({dtype} grey channels, not RGB); "
+            "Lumen explains brightfield RGB scans (H&E, IHC), and reading one channel as grey would give "
+            "meaningless tiles. Give the brightfield scan of this tissue instead.")
+
+
+def _check_thumbnail_read(slide: "Slide", level: int) -> None:
+    """SlideError when the tissue overview would have to read a whole huge level (no pyramid)."""
+    lw, lh = slide.level_dimensions[level]
+    if slide.backend == "openslide" and lw * lh > MAX_OVERVIEW_READ_PX:
+        raise SlideError(
+            f"{slide.path}: its coarsest level is {lw} x {lh} px ({lw * lh / 1e6:,.0f} Mpx) and the file has no "
+            f"lower-resolution levels, so finding the tissue would read every pixel. Convert it to a pyramidal "
+            f"TIFF first, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg --Q 90` or "
+            f"`bfconvert -pyramid-resolutions 6 -pyramid-scale 2 -tilex 512 -tiley 512 IN OUT.ome.tif`.")
 
 
 # -- OpenSlide backend ---------------------------------------------------------------------------

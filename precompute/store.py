@@ -263,10 +263,14 @@ class AtlasWriter:
 
     def close(self) -> Path:
         """Finish the file and rename it into place. Returns the final path."""
-        self._write_slide_table()
-        self.f.attrs["n_slides"] = len(self.slide_rows)
-        self.f.attrs["n_tiles"] = self._n_tiles
-        self.f.close()
+        try:
+            self._write_slide_table()
+            self.f.attrs["n_slides"] = len(self.slide_rows)
+            self.f.attrs["n_tiles"] = self._n_tiles
+            self.f.close()
+        except BaseException as exc:  # e.g. the disk filled: no temporary file may stay behind
+            self.abort(exc)
+            raise
         self._ctx.__exit__(None, None, None)
         return self.path
 

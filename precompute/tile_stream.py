@@ -141,6 +141,8 @@ class TileStream(IterableDataset):
                 grid = plan_tiles(slide, px.mpp, target_mpp=o.target_mpp, tile_px=o.tile_px,
                                   stride_px=o.stride_px, min_tissue=o.min_tissue, thumbnail=overview)
                 n_all = len(grid.coords)
+                if n_all == 0:
+                    warnings = [*warnings, _no_tile_reason(slide, px.mpp, o, overview, grid.mask)]
                 rows = sample_rows(n_all, job.sample_tiles, o.seed, rec.slide_id) if job.sample_tiles else \
                     np.arange(n_all, dtype=np.int64)
                 thumb = _shrink(overview, SLIDE_THUMB_PX)
@@ -161,6 +163,19 @@ class TileStream(IterableDataset):
             yield SlideEnd(job.index)
         except Exception as exc:  # one bad slide must not stop the cohort; the reason is recorded
             yield SlideFailed(job.index, _reason(exc))
+
+
+def _no_tile_reason(slide, mpp: float | None, o: TilingOptions, overview: np.ndarray, mask: np.ndarray) -> str:
+    """Why a slide has no tile: too small for one tile, or the tissue found and the option to change."""
+    every = plan_tiles(slide, mpp, target_mpp=o.target_mpp, tile_px=o.tile_px, stride_px=o.stride_px,
+                       min_tissue=0.0, thumbnail=overview)
+    if len(every.coords) == 0:
+        return (f"0 tiles: the slide ({slide.dimensions[0]} x {slide.dimensions[1]} px) is smaller than one tile "
+                f"({every.tile_l0:.0f} px at this pixel size); lower --tile-px or --target-mpp.")
+    best = float(every.tissue_frac.max())
+    return (f"0 tiles: tissue was found on {100 * float(mask.mean()):.1f} % of the slide and the best tile holds "
+            f"{100 * best:.1f} % tissue, below --min-tissue {o.min_tissue:g}; lower --min-tissue (e.g. "
+            f"{max(0.0, np.floor(best * 20) / 20):g}, or 0 to keep every tile, as for pre-cut tiles and photos).")
 
 
 def _reason(exc: Exception) -> str:

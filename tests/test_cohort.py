@@ -141,7 +141,9 @@ def test_missing_required_columns(tmp_path):
 
 
 def test_bad_mpp_values_name_their_rows(tmp_path):
-    m = write(tmp_path / "m.csv", f"slide_id,path,mpp\na,{CMU},0.5\nb,{CMU},abc\nc,{CMU},-1\nd,{CMU},0\ne,{CMU},\n")
+    for name in "abcde":
+        (tmp_path / f"{name}.png").write_bytes(b"x")  # one file per row: two rows may not share a file
+    m = write(tmp_path / "m.csv", "slide_id,path,mpp\na,a.png,0.5\nb,b.png,abc\nc,c.png,-1\nd,d.png,0\ne,e.png,\n")
     with pytest.raises(CohortError) as err:
         load_cohort(m)
     msg = str(err.value)
