@@ -53,6 +53,9 @@ def load_cohort(source: Path) -> list[SlideRecord]:
         raise CohortError(f"{source}: not found; pass a folder of slides or a manifest CSV.")
     if source.is_dir():
         return _from_folder(source.resolve())
+    if not source.is_file():
+        raise CohortError(f"{source}: not a regular file (a FIFO, socket or device); pass a folder of slides, "
+                          f"a manifest CSV or a slide file.")
     if source.suffix.lower() in SLIDE_SUFFIXES or _looks_like_tiff(source):
         return [SlideRecord(source.stem, source.resolve(), None, None, None, {})]
     return _from_manifest(source.resolve())

@@ -9,6 +9,7 @@ Part files are an internal cache, not the atlas format; they may be deleted at a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -35,8 +36,8 @@ def part_name(index: int, slide_id: str) -> str:
 def save_part(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     """Write arrays (lists of bytes are stored ragged) and JSON-able attrs atomically.
 
-    A full disk or a lost write permission is raised as OSError naming `path` (h5py reports some of them
-    as RuntimeError); the temporary file is removed and an earlier part at `path` is kept."""
+    A full disk or a lost write permission is raised as OSError naming `path`; the temporary file is
+    removed and an earlier part at `path` is kept."""
     try:
         _write_part(path, arrays, attrs)
     except (OSError, RuntimeError) as exc:
@@ -47,19 +48,24 @@ def save_part(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -
 
 
 def _write_part(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+    # Built in memory and written with plain file I/O: an HDF5 library that meets a full disk mid-write
+    # cannot close its file and crashes the process later; a plain write just raises OSError.
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["part_version"] = PART_VERSION
+        f.attrs["attrs_json"] = json.dumps(dict(attrs), default=_jsonable)
+        for name, value in arrays.items():
+            if isinstance(value, list):
+                data, offsets = pack_ragged(value)
+                f.create_dataset(f"{name}__bytes", data=data)
+                f.create_dataset(f"{name}__offsets", data=offsets)
+            else:
+                value = np.asarray(value)
+                big = value.ndim >= 1 and value.nbytes > (1 << 16)
+                f.create_dataset(name, data=value, compression="lzf" if big else None)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["part_version"] = PART_VERSION
-            f.attrs["attrs_json"] = json.dumps(dict(attrs), default=_jsonable)
-            for name, value in arrays.items():
-                if isinstance(value, list):
-                    data, offsets = pack_ragged(value)
-                    f.create_dataset(f"{name}__bytes", data=data)
-                    f.create_dataset(f"{name}__offsets", data=offsets)
-                else:
-                    value = np.asarray(value)
-                    big = value.ndim >= 1 and value.nbytes > (1 << 16)
-                    f.create_dataset(name, data=value, compression="lzf" if big else None)
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
 
 
 def _jsonable(value: Any) -> Any:
