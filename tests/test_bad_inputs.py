@@ -106,10 +106,15 @@ def kit(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     (root / "lumen_bad_inputs_model.py").write_text(MODEL_SOURCE)
     sys.path.insert(0, str(root))
+    _KIT.append(root)
     for i in range(3):
         make_slide(root / f"good{i}.tif", seed=i)
     yield root
     sys.path.remove(str(root))
+    _KIT.remove(root)
+
+
+_KIT: list[Path] = []  # the kit folder while the module runs, for subprocesses' PYTHONPATH
 
 
 MODEL = "lumen_bad_inputs_model:tiny"
@@ -148,7 +153,7 @@ def cli(*args: str) -> tuple[int, str]:
 
 def cli_process(*args: str, preexec=None, prefix: tuple[str, ...] = (), timeout: float = 600
                 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path[:1]])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *map(str, _KIT)])}
     return subprocess.run([*prefix, sys.executable, "-m", "precompute", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=preexec)
 
@@ -240,6 +245,35 @@ def test_wrong_layer_hint_is_a_command_that_works(kit, tmp_path):
     assert code == 2 and "body.9" in out and "python -m precompute layers --model MODEL" in out, out
     code, listing = cli("layers", "--model", MODEL)  # the hint, with MODEL filled in
     assert code == 0 and "body.3" in listing
+    no_traceback(out)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--model", "no_such_model.pt"), "Model file not found"),
+    (("--model", "resnet18.pt", "--arch", "resnet_18"), "Unknown architecture 'resnet_18'"),
+    (("--model", MODEL, "--projection", "tsne"), "--projection must be pca or umap"),
+    (("--model", MODEL, "--k-grid", "1,x"), "--k-grid needs comma-separated whole numbers"),
+])
+def test_option_typos_are_refused_before_any_work(kit, tmp_path, args, expected):
+    if "resnet18.pt" in args:
+        torch.save({"w": torch.zeros(1)}, tmp_path / "resnet18.pt")
+        args = tuple(str(tmp_path / a) if a == "resnet18.pt" else a for a in args)
+    out_file = tmp_path / "a.h5"
+    code, out = cli("run", "--cohort", manifest(tmp_path, good_rows(kit)), "--out", out_file, "--k", "2",
+                    "--workers", "0", "--no-progress", *args)
+    assert code == 2 and expected in out, out
+    assert not parts_of(out_file).exists()
+    no_traceback(out)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "nowhere.csv", "not found"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "no slide files"),
+    (lambda d: (d / "m.csv").write_text("slide_id,path\n") and d / "m.csv", "only a header"),
+])
+def test_empty_or_missing_cohorts(tmp_path, make, expected):
+    code, out = cli("run", "--cohort", make(tmp_path), "--model", MODEL, "--out", tmp_path / "a.h5", *FAST)
+    assert code == 2 and expected in out, out
     no_traceback(out)
 
 
@@ -526,6 +560,7 @@ def _limit_file_size(n_bytes: int):
     return limit
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_parts(kit, tmp_path):
     out_file = tmp_path / "atlas.h5"
     proc = cli_process("run", "--cohort", manifest(tmp_path, good_rows(kit)), "--model", MODEL, "--out", out_file,
@@ -537,6 +572,7 @@ def test_disk_full_while_writing_parts(kit, tmp_path):
     no_traceback(text)
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_atlas_keeps_the_earlier_atlas(kit, tmp_path):
     out_file = tmp_path / "atlas.h5"
     first = cli_process("run", "--cohort", manifest(tmp_path, good_rows(kit)), "--model", MODEL, "--out", out_file,
@@ -578,6 +614,7 @@ def _has(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
+@pytest.mark.slow
 def test_read_only_filesystem_is_refused_before_any_work(kit, tmp_path, can_mount):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -590,6 +627,7 @@ def test_read_only_filesystem_is_refused_before_any_work(kit, tmp_path, can_moun
     no_traceback(text)
 
 
+@pytest.mark.slow
 def test_small_full_filesystem(kit, tmp_path, can_mount):
     small = tmp_path / "small"
     small.mkdir()
@@ -628,6 +666,7 @@ def _wait_for(predicate, timeout: float) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the worker processes")
 def test_workers_end_when_the_main_process_is_killed(kit, tmp_path):
     rows = [(f"s{i}", make_slide(tmp_path / f"s{i}.tif", size=1024, seed=i), "x") for i in range(12)]
