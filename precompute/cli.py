@@ -152,7 +152,6 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
             mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
             positive_threshold=0.5, k_grid="4,6,8,10", progress=True) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
-
     from .cohort import PLAUSIBLE_MPP, CohortError, folder_skips, load_cohort
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
