@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -47,7 +48,17 @@ SLIDE_COLUMNS: dict[str, Any] = {
 
 
 class AtlasFormatError(Exception):
-    """The file is not a Lumen atlas this version can read; the message says why and what to do."""
+    """The file is not a Lumen atlas this version can read; the message says why and what to do.
+
+    `path` is the atlas file and `item` the missing or damaged part (e.g. "tiles/weights"), when known."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, item: str | None = None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.item = item
+
+
+REBUILD = "Re-run `python -m precompute run` with the same command to rebuild it"
 
 
 def chunk_rows(row_nbytes: int, n_rows: int | None = None) -> int:
@@ -321,6 +332,236 @@ def _plain_attrs(attrs) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------------------
+# Validation: what every reader (inspect, report, dashboard) may rely on once an atlas opened
+# ----------------------------------------------------------------------------------------
+
+_KINDS = {"int": "iu", "float": "f", "str": "OS", "bytes": "u"}
+# tiles/ columns readers need: name -> dtype kind; row shapes are checked in _check_tiles.
+REQUIRED_TILE_COLUMNS = {"slide": "int", "x": "int", "y": "int", "weights": "float", "nmf_cluster": "int",
+                         "outputs": "float", "thumb_offsets": "int", "thumb_jpeg": "bytes"}
+PROTOTYPE_COLUMNS = {"cluster": "int", "slide": "int", "tile": "int", "weight": "float", "cell_y": "int",
+                     "cell_x": "int"}
+
+
+def damaged(path: str | os.PathLike, item: str, problem: str, command: str | None = None) -> AtlasFormatError:
+    """The error for a damaged atlas: the file, the item, what is wrong with it, and how to rebuild."""
+    how = REBUILD + (f" (this atlas was made by: {command})" if command else "")
+    return AtlasFormatError(f"{path}: damaged atlas: {item} {problem}. {how}.", path=path, item=item)
+
+
+class _Check:
+    """Helpers of `validate`: each failure raises `damaged(...)` naming the item."""
+
+    def __init__(self, f: h5py.File, path: Path):
+        self.f, self.path = f, path
+        cmd = f.attrs.get("command_line")
+        self.command = cmd.decode("utf-8", "replace") if isinstance(cmd, bytes) else cmd if isinstance(cmd, str) else None
+
+    def fail(self, item: str, problem: str) -> None:
+        raise damaged(self.path, item, problem, self.command)
+
+    def dataset(self, name: str, kind: str, ndim: int | None = None, required: bool = True) -> h5py.Dataset | None:
+        """The dataset `name` (None when optional and absent), checked for dtype kind and rank."""
+        obj = self.f.get(name)
+        if obj is None:
+            if required:
+                self.fail(name, "is missing")
+            return None
+        if not isinstance(obj, h5py.Dataset):
+            self.fail(name, "is a group, not a dataset")
+        if obj.dtype.kind not in _KINDS[kind] or (kind == "bytes" and obj.dtype != np.uint8):
+            self.fail(name, f"has dtype {obj.dtype}, expected {'uint8' if kind == 'bytes' else kind}")
+        if ndim is not None and obj.ndim != ndim:
+            self.fail(name, f"has shape {obj.shape}, expected {ndim} dimension(s)")
+        return obj
+
+    def shape(self, ds: h5py.Dataset, expected: tuple, what: str) -> None:
+        if tuple(ds.shape) != tuple(expected):
+            self.fail(ds.name.lstrip("/"), f"has shape {tuple(ds.shape)}, expected {tuple(expected)} ({what})")
+
+    def int_attr(self, attrs, name: str, where: str = "root attribute ") -> int | None:
+        value = attrs.get(name)
+        if value is None:
+            return None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            self.fail(f"{where}{name}", f"is {value!r} ({type(value).__name__}), expected an integer")
+        return int(value)
+
+    def json_attr(self, attrs, name: str, kind: type, where: str = "root attribute ") -> None:
+        value = attrs.get(name)
+        if value is None:
+            return
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, kind):
+            self.fail(f"{where}{name}", f"is not a JSON {'object' if kind is dict else 'list'} ({str(value)[:60]!r})")
+
+
+def _check_root(c: _Check) -> tuple[int, int]:
+    """Counts in the root attributes, checked against the tables. Returns (n_tiles, n_slides)."""
+    for name in ("slides", "tiles"):
+        if not isinstance(c.f.get(name), h5py.Group):
+            c.fail(f"group {name}/", "is missing")
+    c.json_attr(c.f.attrs, "config", dict)
+    c.json_attr(c.f.attrs, "fit", dict)
+    c.json_attr(c.f["tiles"].attrs, "output_names", list, where="attribute tiles/")
+    slide_ids = c.dataset("slides/slide_id", "str", ndim=1)
+    rows = c.dataset("tiles/slide", "int", ndim=1)
+    n, s = rows.shape[0], slide_ids.shape[0]
+    for name, actual, table in (("n_tiles", n, "tiles/slide"), ("n_slides", s, "slides/slide_id")):
+        value = c.int_attr(c.f.attrs, name)
+        if value is None:
+            c.fail(f"root attribute {name}", "is missing")
+        if value != actual:
+            c.fail(f"root attribute {name}", f"is {value} but {table} has {actual} rows")
+    return n, s
+
+
+def _check_clusters(c: _Check, n: int) -> tuple[int, int | None]:
+    """clusters/H (K, C) and the arrays sized by K or C. Returns (K, C); (0, None) without concepts."""
+    H = c.dataset("clusters/H", "float", ndim=2, required=n > 0)
+    if H is None:
+        return 0, None
+    k, ch = H.shape
+    if k < 1:
+        c.fail("clusters/H", "has no rows (no concepts)")
+    for name in ("distances", "cosine_similarity"):
+        ds = c.dataset(f"clusters/{name}", "float", required=False)
+        if ds is not None:
+            c.shape(ds, (k, k), f"K = {k} concepts from clusters/H")
+    for name in ("shift", "scale"):
+        ds = c.dataset(f"clusters/{name}", "float", required=False)
+        if ds is not None:
+            c.shape(ds, (ch,), f"C = {ch} channels from clusters/H")
+    for where, attrs in (("root attribute ", c.f.attrs), ("attribute clusters/", c.f["clusters"].attrs)):
+        value = c.int_attr(attrs, "k", where=where)
+        if value is not None and value != k:
+            c.fail(f"{where}k", f"is {value} but clusters/H has K = {k} rows")
+    coef = c.dataset("fidelity/coef", "float", ndim=1, required=False)
+    if coef is not None:
+        c.shape(coef, (k,), f"one coefficient per concept, K = {k}")
+    return k, ch
+
+
+def _check_slides(c: _Check, n: int, s: int) -> np.ndarray:
+    """Slide-table columns of length S; n_tiles/tile_start must tile the N rows in order. Returns n_tiles."""
+    for name, dt in SLIDE_COLUMNS.items():
+        kind = "str" if dt is STR else "float" if np.dtype(dt).kind == "f" else "int"
+        c.shape(c.dataset(f"slides/{name}", kind, ndim=1), (s,), f"one row per slide, {s} slides")
+    for name, obj in (c.f["slides"].get("meta") or {}).items():
+        c.shape(c.dataset(f"slides/meta/{name}", "str", ndim=1), (s,), f"one row per slide, {s} slides")
+    counts = c.f["slides/n_tiles"][()].astype(np.int64)
+    starts = c.f["slides/tile_start"][()].astype(np.int64)
+    if (counts < 0).any() or counts.sum() != n:
+        c.fail("slides/n_tiles", f"sums to {int(counts.sum())} tiles (or has negative values); the atlas has {n}")
+    expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if s else counts
+    if not np.array_equal(starts, expected):
+        c.fail("slides/tile_start", "does not match the cumulative sum of slides/n_tiles")
+    return counts
+
+
+def _check_tiles(c: _Check, n: int, s: int, k: int, ch: int | None, counts: np.ndarray) -> None:
+    """Every tiles/ column has N rows and the row shape readers expect; tile->slide and concepts in range."""
+    for name, kind in REQUIRED_TILE_COLUMNS.items():
+        c.dataset(f"tiles/{name}", kind)
+    names = json.loads(c.f["tiles"].attrs.get("output_names", "[]"))
+    outputs = c.dataset("tiles/outputs", "float", ndim=2)
+    n_out = len(names) or outputs.shape[1]
+    rows = {"weights": (k, "float", "K from clusters/H"), "outputs": (n_out, "float", "one per output name"),
+            "probs": (n_out, "float", "one per output name"), "proj": (2, "float", "2-D projection"),
+            "gradcam_r": (k, "float", "K from clusters/H"),
+            "embedding": (ch, "float", "C from clusters/H")}
+    for name, ds in c.f["tiles"].items():
+        if name == "thumb_jpeg":
+            c.dataset("tiles/thumb_jpeg", "bytes", ndim=1)
+            continue
+        if not isinstance(ds, h5py.Dataset):
+            c.fail(f"tiles/{name}", "is a group, not a dataset")
+        width, kind, what = rows.get(name, (None, None, ""))
+        if kind:
+            c.dataset(f"tiles/{name}", kind, ndim=2)
+            c.shape(ds, (n + (name == "thumb_offsets"), width if width is not None else ds.shape[1]),
+                    f"{n} tiles x {what}")
+        elif ds.ndim < 1 or ds.shape[0] != n + (name == "thumb_offsets"):
+            c.fail(f"tiles/{name}", f"has shape {ds.shape}, expected {n + (name == 'thumb_offsets')} rows "
+                                   f"({n} tiles{' + 1' if name == 'thumb_offsets' else ''})")
+    slide = c.f["tiles/slide"][()]
+    if not np.array_equal(slide, np.repeat(np.arange(s), counts)):
+        c.fail("tiles/slide", "does not match the slide table (slides/tile_start, slides/n_tiles)")
+    _check_range(c, "tiles/nmf_cluster", c.f["tiles/nmf_cluster"][()], k, "K concepts")
+    if "kmeans_cluster" in c.f["tiles"]:
+        _check_range(c, "tiles/kmeans_cluster", c.f["tiles/kmeans_cluster"][()], None, "")
+    offs = c.f["tiles/thumb_offsets"]
+    if n and (int(offs[0]) != 0 or int(offs[-1]) != c.f["tiles/thumb_jpeg"].shape[0]):
+        c.fail("tiles/thumb_offsets", f"does not span tiles/thumb_jpeg ({c.f['tiles/thumb_jpeg'].shape[0]} bytes)")
+
+
+def _check_range(c: _Check, item: str, values: np.ndarray, upper: int | None, what: str) -> None:
+    """Integer codes must lie in 0..upper-1 (or be >= 0 when upper is None)."""
+    if not len(values):
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or (upper is not None and hi >= upper):
+        bound = f"0..{upper - 1} ({what})" if upper is not None else "values >= 0"
+        c.fail(item, f"has values from {lo} to {hi}, expected {bound}")
+
+
+def _check_prototypes(c: _Check, n: int, s: int, k: int) -> None:
+    """clusters/prototypes: equal-length columns, rows that point into the atlas, and their JPEG crops."""
+    g = c.f.get("clusters/prototypes")
+    if g is None:
+        return
+    p = None
+    for name, kind in PROTOTYPE_COLUMNS.items():
+        ds = c.dataset(f"clusters/prototypes/{name}", kind, ndim=1)
+        p = ds.shape[0] if p is None else p
+        c.shape(ds, (p,), "one row per prototype, as clusters/prototypes/cluster")
+    for name, upper in (("cluster", k), ("slide", s), ("tile", n)):
+        _check_range(c, f"clusters/prototypes/{name}", g[name][()], upper, f"{upper} {name}s")
+    if p:
+        c.dataset("clusters/prototypes/jpeg_bytes", "bytes", ndim=1)
+        offs = c.dataset("clusters/prototypes/jpeg_offsets", "int", ndim=1)
+        c.shape(offs, (p + 1,), f"{p} prototypes + 1")
+        if int(offs[-1]) != g["jpeg_bytes"].shape[0]:
+            c.fail("clusters/prototypes/jpeg_offsets", "does not span clusters/prototypes/jpeg_bytes")
+
+
+def validate(f: h5py.File, path: str | os.PathLike) -> None:
+    """Check what the readers need, once, on open: presence, dtypes, shapes and consistency of the
+    root counts, the slide table, every tiles/ column, clusters and prototypes. Slide maps are checked
+    when read (`check_slide_maps`). Raises AtlasFormatError naming the first damaged item."""
+    c = _Check(f, Path(path))
+    n, s = _check_root(c)
+    k, ch = _check_clusters(c, n)
+    counts = _check_slides(c, n, s)
+    _check_tiles(c, n, s, k, ch, counts)
+    _check_prototypes(c, n, s, k)
+
+
+def check_slide_maps(f: h5py.File, path: str | os.PathLike, index: int, k: int, has_tiles: bool) -> None:
+    """slide_maps/<index>: thumbnail (h,w,3) uint8 with attr thumb_downsample; for a slide with tiles
+    also hard (gh,gw) integers, soft (K,gh,gw) floats and attr cell_l0. Raises AtlasFormatError."""
+    c = _Check(f, Path(path))
+    base = f"slide_maps/{index}"
+    thumb = c.dataset(f"{base}/thumbnail", "int", ndim=3)
+    if thumb.shape[2] != 3:
+        c.fail(f"{base}/thumbnail", f"has shape {thumb.shape}, expected (h, w, 3)")
+    attrs = f[base].attrs
+    for name in ("thumb_downsample",) + (("cell_l0",) if has_tiles else ()):
+        value = attrs.get(name)
+        if not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or value <= 0:
+            c.fail(f"attribute {base}/{name}", f"is {value!r}, expected a positive number (level-0 px)")
+    if has_tiles:
+        hard = c.dataset(f"{base}/hard", "int", ndim=2)
+        soft = c.dataset(f"{base}/soft", "float", ndim=3)
+        c.shape(soft, (k,) + tuple(hard.shape), f"K = {k} maps the size of {base}/hard")
+
+
 @dataclass(frozen=True)
 class SlideMaps:
     """One slide's images. Shapes: thumbnail (h,w,3) uint8; tissue (h,w) bool;
@@ -336,35 +577,73 @@ class SlideMaps:
         return self.arrays.get(name, default)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    """Open read-only without file locking; AtlasFormatError for a missing, foreign or truncated file."""
+    if not path.exists():
+        raise AtlasFormatError(f"{path}: no such file. Create an atlas with "
+                               f"`python -m precompute run ...` or `python -m precompute demo`.", path=path)
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(HDF5_SIGNATURE))
+        except OSError:
+            head = b""
+        if head == HDF5_SIGNATURE:
+            raise damaged(path, "the file", f"is a damaged or truncated HDF5 file ({exc})") from exc
+        raise AtlasFormatError(f"{path}: not an HDF5 file ({exc}). "
+                               "Pass the .h5 atlas written by `python -m precompute run`.", path=path) from exc
+
+
 class Atlas:
-    """Read-only view of an atlas file. Validates format name and version on open.
+    """Read-only view of an atlas file. Checks format name, version and structure (`validate`) on open.
 
     Opens the file with mode "r" and no HDF5 file locking, so it works on read-only files and
     while another process holds the file; it never writes.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, check: bool = True):
+        """Open and check the file; `check=False` skips `validate` (format name and version are
+        always checked). Raises AtlasFormatError saying what is wrong and what to do."""
         self.path = Path(path)
-        if not self.path.exists():
-            raise AtlasFormatError(f"{self.path}: no such file. Create an atlas with "
-                                   f"`python -m precompute run ...` or `python -m precompute demo`.")
+        self.f = _open_hdf5(self.path)
         try:
-            self.f = h5py.File(self.path, "r", locking=False)
-        except OSError as exc:
-            raise AtlasFormatError(f"{self.path}: not an HDF5 file ({exc}). "
-                                   "Pass the .h5 atlas written by `python -m precompute run`.") from exc
+            self._check_format()
+            if check:
+                validate(self.f, self.path)
+        except BaseException:
+            self.f.close()
+            raise
+        self._slides: dict[str, np.ndarray] | None = None
+
+    def _check_format(self) -> None:
         name = self.f.attrs.get("format")
         version = self.f.attrs.get("format_version")
         if name != FORMAT_NAME:
-            self.f.close()
             raise AtlasFormatError(f"{self.path}: HDF5 file but not a Lumen atlas (format attribute "
-                                   f"{name!r}, expected {FORMAT_NAME!r}).")
+                                   f"{name!r}, expected {FORMAT_NAME!r}).", path=self.path, item="format")
+        if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+            raise damaged(self.path, "root attribute format_version",
+                          f"is {version!r} ({type(version).__name__}), expected the integer {FORMAT_VERSION}")
         if version != FORMAT_VERSION:
-            self.f.close()
             raise AtlasFormatError(f"{self.path}: atlas format version {version}, this Lumen reads "
                                    f"version {FORMAT_VERSION}. Re-run `python -m precompute run` with this "
-                                   "version, or open it with the Lumen version that wrote it.")
-        self._slides: dict[str, np.ndarray] | None = None
+                                   "version, or open it with the Lumen version that wrote it.",
+                                   path=self.path, item="format_version")
+
+    @contextmanager
+    def reading(self, item: str) -> Iterator[None]:
+        """Turn a failed read of `item` (a damaged or truncated file) into AtlasFormatError."""
+        try:
+            yield
+        except AtlasFormatError:
+            raise
+        except (KeyError, OSError, ValueError, IndexError, RuntimeError) as exc:
+            raise damaged(self.path, item, f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
     # -- root ---------------------------------------------------------------------------
     @property
@@ -395,20 +674,25 @@ class Atlas:
     def slides(self) -> dict[str, np.ndarray]:
         """Slide table: column name -> array of length n_slides (manifest extras as meta.<name>)."""
         if self._slides is None:
-            g = self.f["slides"]
-            out = {name: _decode(g[name][()]) for name in g if isinstance(g[name], h5py.Dataset)}
-            for name in g.get("meta", {}):
-                out[f"meta.{name}"] = _decode(g["meta"][name][()])
+            with self.reading("slides/"):
+                g = self.f["slides"]
+                out = {name: _decode(g[name][()]) for name in g if isinstance(g[name], h5py.Dataset)}
+                for name in g.get("meta", {}):
+                    out[f"meta.{name}"] = _decode(g["meta"][name][()])
             self._slides = out
         return self._slides
 
     def slide_maps(self, index: int) -> SlideMaps | None:
-        """Images of slide `index`, or None for a slide without maps (failed, no tissue)."""
+        """Images of slide `index`, or None for a slide without maps (failed, no tissue).
+        Raises AtlasFormatError when the maps a reader needs are missing or misshapen."""
         key = f"slide_maps/{index}"
         if key not in self.f:
             return None
-        g = self.f[key]
-        return SlideMaps({n: g[n][()] for n in g}, _plain_attrs(g.attrs))
+        with self.reading(key):
+            has_tiles = int(self.f["slides/n_tiles"][int(index)]) > 0
+            check_slide_maps(self.f, self.path, int(index), self.k, has_tiles)
+            g = self.f[key]
+            return SlideMaps({n: g[n][()] for n in g}, _plain_attrs(g.attrs))
 
     # -- tiles --------------------------------------------------------------------------
     def tile_names(self) -> list[str]:
@@ -419,8 +703,9 @@ class Atlas:
         g = self.f["tiles"]
         out = {}
         for name in names:
-            ds = g[name]
-            out[name] = ds[()] if rows is None else ds[rows]
+            with self.reading(f"tiles/{name}"):
+                ds = g[name]
+                out[name] = ds[()] if rows is None else ds[rows]
         return out
 
     def tile_attrs(self, name: str) -> dict[str, Any]:
@@ -428,12 +713,13 @@ class Atlas:
 
     def thumbnails(self, rows: Sequence[int]) -> list[bytes]:
         """JPEG bytes of the given tiles' thumbnails (read lazily, one slice each)."""
-        offs = self.f["tiles/thumb_offsets"]
-        data = self.f["tiles/thumb_jpeg"]
         out = []
-        for r in rows:
-            a, b = offs[int(r)], offs[int(r) + 1]
-            out.append(data[a:b].tobytes())
+        with self.reading("tiles/thumb_jpeg"):
+            offs = self.f["tiles/thumb_offsets"]
+            data = self.f["tiles/thumb_jpeg"]
+            for r in rows:
+                a, b = offs[int(r)], offs[int(r) + 1]
+                out.append(data[a:b].tobytes())
         return out
 
     # -- clusters -----------------------------------------------------------------------
@@ -441,18 +727,20 @@ class Atlas:
         """All arrays of a group such as 'clusters' (ragged byte arrays are left packed)."""
         if name not in self.f:
             return {}
-        g = self.f[name]
-        return {n: _decode(g[n][()]) for n in g if isinstance(g[n], h5py.Dataset)}
+        with self.reading(name):
+            g = self.f[name]
+            return {n: _decode(g[n][()]) for n in g if isinstance(g[n], h5py.Dataset)}
 
     def group_attrs(self, name: str) -> dict[str, Any]:
         return _plain_attrs(self.f[name].attrs) if name in self.f else {}
 
     def ragged(self, group: str, name: str, rows: Sequence[int] | None = None) -> list[bytes]:
         """Byte strings stored with `put_group(..., {name: [bytes, ...]})`."""
-        data = self.f[f"{group}/{name}_bytes"]
-        offs = self.f[f"{group}/{name}_offsets"][()]
-        rows = range(len(offs) - 1) if rows is None else rows
-        return [data[offs[r]:offs[r + 1]].tobytes() for r in rows]
+        with self.reading(f"{group}/{name}_bytes"):
+            data = self.f[f"{group}/{name}_bytes"]
+            offs = self.f[f"{group}/{name}_offsets"][()]
+            rows = range(len(offs) - 1) if rows is None else rows
+            return [data[offs[r]:offs[r + 1]].tobytes() for r in rows]
 
     def close(self) -> None:
         self.f.close()
