@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dash
 import streamlit as st  # noqa: E402
 
 from dashboard import naming, state  # noqa: E402
+from dashboard.guard import atlas_guard, show  # noqa: E402
 from dashboard.data import AtlasFormatError, load  # noqa: E402
 from dashboard.views import cluster, enrichment, fidelity, overview, slide  # noqa: E402
 
@@ -53,7 +54,7 @@ def main() -> None:
     try:
         data = load(path)
     except AtlasFormatError as exc:
-        st.error(f"**Cannot open the atlas.** {exc}")
+        show(exc)
         st.caption(f"Usage: `{USAGE}`")
         st.stop()
     naming.setup(data, naming.notes_argument(sys.argv[1:]))
@@ -69,7 +70,8 @@ def main() -> None:
         st.caption("The address bar holds this view (page, concept, slide, filters, colouring): "
                    "copy it to reopen the same view.")
         naming.sidebar(data)
-    VIEWS[page].render(data, diagnoses)
+    with atlas_guard():  # a damaged part of the atlas gets Lumen's message, not a Streamlit error box
+        VIEWS[page].render(data, diagnoses)
 
 
 if __name__ == "__main__":  # `streamlit run` (and AppTest) run the script as __main__

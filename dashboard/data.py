@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from precompute.store import Atlas, AtlasFormatError
+from precompute.store import Atlas, AtlasFormatError, damaged
 
 from .colors import concept_label
 
@@ -78,10 +78,9 @@ class AtlasData:
         except AtlasFormatError:
             atlas.close()
             raise
-        except (KeyError, ValueError, OSError) as exc:  # a truncated or hand-edited file
+        except (KeyError, ValueError, OSError, IndexError) as exc:  # damage the store's checks do not see
             atlas.close()
-            raise AtlasFormatError(f"{path}: incomplete or damaged atlas ({type(exc).__name__}: {exc}). "
-                                   "Re-run `python -m precompute run` to rebuild it.") from exc
+            raise damaged(path, "the tile table", f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
     def _read(cls, atlas: Atlas, key: str) -> "AtlasData":
@@ -131,6 +130,11 @@ class AtlasData:
     @property
     def n_slides(self) -> int:
         return len(self.slides)
+
+    @functools.cached_property
+    def proj_nonfinite(self) -> int:
+        """Tiles whose 2-D projection is NaN or infinite (0 without a projection)."""
+        return 0 if self.proj is None else int((~np.isfinite(self.proj)).any(axis=1).sum())
 
     @property
     def default_output(self) -> int:

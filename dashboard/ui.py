@@ -22,10 +22,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "lumen"
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value):
+    """A text cell that a spreadsheet would run as a formula gets a leading ' (numbers stay numbers)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """UTF-8 CSV of `df` for download, with formula-like text cells and headers neutralised.
+    Every CSV the dashboard offers goes through here."""
+    out = df.copy()
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]) and not pd.api.types.is_bool_dtype(out[col]):
+            out[col] = out[col].astype(object).map(_inert)
+    out.columns = [_inert(str(c)) for c in out.columns]
+    # CRLF rows (RFC 4180): the csv writer then quotes any cell holding a CR or LF, so none splits a row.
+    return out.to_csv(index=False, lineterminator="\r\n").encode()
+
+
 def csv_button(df: pd.DataFrame | Callable[[], pd.DataFrame], name: str, key: str, label: str = "CSV") -> None:
     """Download button for a table (built only when clicked if `df` is a callable)."""
     make = df if callable(df) else (lambda: df)
-    st.download_button(f":material/download: {label}", data=lambda: make().to_csv(index=False).encode(),
+    st.download_button(f":material/download: {label}", data=lambda: csv_bytes(make()),
                        file_name=f"{_slug(name)}.csv", mime="text/csv", key=key, on_click="ignore")
 
 

@@ -5,6 +5,8 @@ Computed over the slides in the diagnosis filter (see dashboard/enrichment.py fo
 
 from __future__ import annotations
 
+import html
+
 import altair as alt
 import streamlit as st
 
@@ -34,9 +36,10 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     table = enrichment_table(sw, sd, target, min_share=pct / 100, slide_ids=ids, labels=labels)
     others = [d for d in present if d != target]
     with c[2]:
-        st.markdown(f"<div style='margin-top:1.9rem'><b>{target}</b> ({int(table['target_slides'].iat[0])} slides) "
-                    f"against {', '.join(others) or 'nothing'} ({int(table['other_slides'].iat[0])} slides)</div>",
-                    unsafe_allow_html=True)
+        st.markdown(f"<div style='margin-top:1.9rem'><b>{html.escape(target)}</b> "
+                    f"({int(table['target_slides'].iat[0])} slides) against "
+                    f"{html.escape(', '.join(others) or 'nothing')} ({int(table['other_slides'].iat[0])} slides)"
+                    "</div>", unsafe_allow_html=True)  # diagnoses are manifest text: never HTML
     if not others:
         st.warning("Only one diagnosis is in the filter: there is nothing to compare against. "
                    "Widen the diagnosis filter in the sidebar.")

@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from .. import raster, state, ui
+from ..guard import guarded
 from ..colors import VIRIDIS_HEX, concept_colors, concept_label, diagnosis_colors
 from ..data import AtlasData
 
@@ -202,11 +203,17 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
 
 
 @st.fragment
+@guarded
 def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
     """Scatter, brush and gallery; a fragment, so brushing reruns only this part of the page."""
     st.subheader("All tiles")
     if data.proj is None or data.n == 0:
         st.info("This atlas has no 2-D projection of its tiles (or no tiles), so there is no scatter to show.")
+        return
+    if data.proj_nonfinite:
+        st.warning(f"The 2-D projection of this atlas (tiles/proj in {data.path.name}) is NaN or infinite for "
+                   f"{data.proj_nonfinite:,} of {data.n:,} tiles, so the scatter cannot be drawn. The atlas is "
+                   "damaged: re-run `python -m precompute run` with the same command to rebuild it.")
         return
     modes = [m for m in COLOR_MODES if m != "kmeans" or data.kmeans is not None]
     c1, c2, _, c4 = st.columns([2, 2, 1, 2])
