@@ -423,13 +423,18 @@ def _check_root(c: _Check) -> tuple[int, int]:
 
 
 def _check_clusters(c: _Check, n: int) -> tuple[int, int | None]:
-    """clusters/H (K, C) and the arrays sized by K or C. Returns (K, C); (0, None) without concepts."""
-    H = c.dataset("clusters/H", "float", ndim=2, required=n > 0)
+    """clusters/H (K, C) when present (else K = columns of tiles/weights) and the arrays sized by K or C.
+    Returns (K, C); C is None without H."""
+    H = c.dataset("clusters/H", "float", ndim=2, required=False)
+    w = c.f.get("tiles/weights")
+    w_k = w.shape[1] if isinstance(w, h5py.Dataset) and w.ndim == 2 and w.shape[0] == n else None
     if H is None:
-        return 0, None
+        return w_k or 0, None
     k, ch = H.shape
     if k < 1:
         c.fail("clusters/H", "has no rows (no concepts)")
+    if w_k is not None and w_k != k:
+        c.fail("clusters/H", f"has K = {k} rows (concepts) but tiles/weights has {w_k} columns")
     for name in ("distances", "cosine_similarity"):
         ds = c.dataset(f"clusters/{name}", "float", required=False)
         if ds is not None:
@@ -442,9 +447,6 @@ def _check_clusters(c: _Check, n: int) -> tuple[int, int | None]:
         value = c.int_attr(attrs, "k", where=where)
         if value is not None and value != k:
             c.fail(f"{where}k", f"is {value} but clusters/H has K = {k} rows")
-    coef = c.dataset("fidelity/coef", "float", ndim=1, required=False)
-    if coef is not None:
-        c.shape(coef, (k,), f"one coefficient per concept, K = {k}")
     return k, ch
 
 
@@ -485,8 +487,7 @@ def _check_tiles(c: _Check, n: int, s: int, k: int, ch: int | None, counts: np.n
         width, kind, what = rows.get(name, (None, None, ""))
         if kind:
             c.dataset(f"tiles/{name}", kind, ndim=2)
-            c.shape(ds, (n + (name == "thumb_offsets"), width if width is not None else ds.shape[1]),
-                    f"{n} tiles x {what}")
+            c.shape(ds, (n, width if width is not None else ds.shape[1]), f"{n} tiles x {what}")
         elif ds.ndim < 1 or ds.shape[0] != n + (name == "thumb_offsets"):
             c.fail(f"tiles/{name}", f"has shape {ds.shape}, expected {n + (name == 'thumb_offsets')} rows "
                                    f"({n} tiles{' + 1' if name == 'thumb_offsets' else ''})")
@@ -664,7 +665,11 @@ class Atlas:
 
     @property
     def k(self) -> int:
-        return int(self.f["clusters/H"].shape[0]) if "clusters/H" in self.f else 0
+        """Number of concepts: rows of clusters/H, else columns of tiles/weights (0 without either)."""
+        if "clusters/H" in self.f:
+            return int(self.f["clusters/H"].shape[0])
+        w = self.f.get("tiles/weights")
+        return int(w.shape[1]) if isinstance(w, h5py.Dataset) and w.ndim == 2 else 0
 
     @property
     def output_names(self) -> list[str]:
