@@ -475,6 +475,22 @@ def test_slide_without_tiles_says_what_tissue_was_found_and_what_to_change(kit, 
     no_traceback(out)
 
 
+def test_breakhis_images_without_tiles_say_the_tissue_found(kit, data_dir, tmp_path):
+    """Two BreakHis images whose detected tissue stays below the default --min-tissue in every tile."""
+    folder = data_dir / "cohort" / "breakhis"
+    rows = [(sid, folder / f"{sid}.png", "x") for sid in
+            ("SOB_B_TA-14-3411F-100-003", "SOB_M_MC-14-10147-100-001", "SOB_M_MC-14-10147-100-002")]
+    out_file = tmp_path / "a.h5"
+    code, out = cli("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, "--mpp", "0.5",
+                    "--tile-px", "224", *FAST)  # 224 px tiles, as the demo model uses
+    assert code == 0, out
+    for sid in rows[:2]:
+        assert f"{sid[0]}: 0 tiles: tissue was found on" in out and "below --min-tissue 0.25" in out, out
+    st = statuses(out_file)
+    assert st[rows[0][0]] == st[rows[1][0]] == "no_tissue" and st[rows[2][0]] == "ok"
+    no_traceback(out)
+
+
 # -- options and output ------------------------------------------------------------------------------
 
 def test_k_above_layer_channels_is_refused_before_any_work(kit, tmp_path):
