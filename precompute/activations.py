@@ -116,7 +116,8 @@ class LayerProbe:
         a = output[0] if isinstance(output, (tuple, list)) else output
         if a.ndim != 4:
             raise ValueError(f"the hooked layer gives a {a.ndim}-d output {tuple(a.shape)}; choose a "
-                             "convolutional layer with (N, C, h, w) output (see `python -m precompute layers`).")
+                             "convolutional layer with (N, C, h, w) output (see "
+                             "`python -m precompute layers --model MODEL`).")
         replaced = None
         if self.want_grad:
             # GradCAM: the rest of the network is run from a fresh leaf so autograd records only the
@@ -169,7 +170,8 @@ def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int
         handle.remove()
     if not shapes or len(shapes[0]) != 4:
         raise ValueError(f"the layer's output is {shapes[0] if shapes else 'never produced'}; "
-                         "choose a layer with a (N, C, h, w) output (see `python -m precompute layers`).")
+                         "choose a layer with a (N, C, h, w) output (see "
+                         "`python -m precompute layers --model MODEL`).")
     return shapes[0][1], shapes[0][2], shapes[0][3]
 
 

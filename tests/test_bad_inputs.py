@@ -277,6 +277,15 @@ def test_empty_or_missing_cohorts(tmp_path, make, expected):
     no_traceback(out)
 
 
+def test_layer_without_a_cell_grid_is_refused_before_any_work(kit, tmp_path):
+    out_file = tmp_path / "a.h5"
+    code, out = cli("run", "--cohort", manifest(tmp_path, good_rows(kit)), "--model", MODEL, "--out", out_file,
+                    "--layer", "head", *FAST)  # the Linear head: (N, 2), no spatial cells
+    assert code == 2 and "(N, C, h, w)" in out and "python -m precompute layers --model MODEL" in out, out
+    assert not parts_of(out_file).exists()
+    no_traceback(out)
+
+
 # -- text that looks like markup ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("slide_id", ["x[/y]", "[bold]S1[/bold]"])
