@@ -415,7 +415,10 @@ def _html_report(atlas: Path, out: Path, notes: Optional[Path]) -> None:
     found, source = _notes(atlas, notes, k)
     if source:
         console.print(source, markup=False, highlight=False)
-    write_report(atlas, out, found)
+    try:
+        write_report(atlas, out, found)
+    except AtlasFormatError as exc:  # damage found while reading (e.g. a slide's maps)
+        _fail(str(exc))
     console.print(f"report: {out}", markup=False, highlight=False)
 
 
@@ -443,6 +446,8 @@ def export(
         console.print(source, markup=False, highlight=False)
     try:
         files = export_geojson(atlas, geojson, found)
+    except AtlasFormatError as exc:  # damage found while reading (e.g. a slide's maps)
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write into {geojson}: {exc.strerror or exc}. Choose a writable folder.")
     console.print(f"{len(files)} GeoJSON files in {geojson} (one per slide with a cluster map)",

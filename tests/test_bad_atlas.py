@@ -227,6 +227,17 @@ def test_report_command(case, damaged):
     assert_names(proc.stderr, path, case)
 
 
+@pytest.mark.parametrize("case", ["weights_5x2", "no_hard_map"])
+def test_html_report_and_geojson_export_refuse_a_damaged_atlas(case, damaged, tmp_path):
+    path = damaged[case]
+    for args, made in ((("report", str(path), "--html", str(tmp_path / "r.html")), tmp_path / "r.html"),
+                       (("export", str(path), "--geojson", str(tmp_path / "gj")), tmp_path / "gj" / "S1.geojson")):
+        proc = cli(*args)
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+        assert proc.returncode == 2 and not made.exists(), (args, proc.returncode, proc.stderr)
+        assert_names(proc.stderr, path, case)
+
+
 # -- the dashboard ------------------------------------------------------------------------------
 def no_exception(at) -> None:
     assert not at.exception, [e.value for e in at.exception]
@@ -256,6 +267,30 @@ def test_dashboard_shows_lumens_message(case, damaged, monkeypatch):
         warning = " ".join(w.value for w in at.warning)
         assert "NaN or infinite for 16 of 32 tiles" in warning and "scatter cannot be drawn" in warning, warning
         assert "Density image" not in " ".join(c.value for c in at.caption)  # no blank chart under a caption
+
+
+def test_a_fragment_rerun_shows_the_message_too():
+    """The Overview scatter is a fragment (a brush reruns only it, outside the page's guard): its guard
+    shows the same message for a read error inside it."""
+    from streamlit.testing.v1 import AppTest
+
+    def app():
+        import streamlit as st
+
+        from dashboard.guard import guarded
+        from precompute.store import damaged
+
+        @st.fragment
+        @guarded
+        def gallery():
+            raise damaged("atlas.h5", "tiles/thumb_jpeg", "is missing")
+
+        gallery()
+
+    at = AppTest.from_function(app, default_timeout=60)
+    at.run()
+    no_exception(at)
+    assert "atlas.h5: damaged atlas: tiles/thumb_jpeg is missing" in atlas_error(at)
 
 
 def test_streamlit_shows_no_error_details_or_outside_links():
