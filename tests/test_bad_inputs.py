@@ -714,3 +714,23 @@ def test_workers_end_when_the_main_process_is_killed(kit, tmp_path):
         for w in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_releases_the_lock(kit, tmp_path):
+    rows = [(f"s{i}", make_slide(tmp_path / f"s{i}.tif", size=512, seed=i), "x") for i in range(4)]
+    out_file = tmp_path / "a.h5"
+    args = ("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, *FAST)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(kit)])}
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = out_file.with_name("a.h5.lock")
+    try:
+        assert _wait_for(lock.exists, 300), "the run never took its lock"
+        proc.send_signal(signal.SIGINT)
+        text = " ".join(proc.communicate(timeout=300)[0].split())
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in text and "run the same command again" in text, text
+    assert not lock.exists() and not out_file.exists() and not list(tmp_path.rglob("*.tmp-*"))
+    no_traceback(text)
