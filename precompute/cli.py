@@ -152,7 +152,6 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
             mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
             positive_threshold=0.5, k_grid="4,6,8,10", progress=True) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
-    from .cohort import PLAUSIBLE_MPP, CohortError, folder_skips, load_cohort
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
     from .models import ModelError, default_relu
@@ -166,16 +165,7 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
         target = check_target(target)
     except ValueError as exc:
         _fail(str(exc))
-    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        _fail(f"--mpp {mpp:g} um/px is outside the plausible range {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} "
-              "(0.25 for 40x, 0.5 for 20x); check the unit (um per pixel).")
-    try:
-        records = load_cohort(cohort)
-    except (CohortError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    if cohort.is_dir():
-        for name, why in folder_skips(cohort):
-            console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}")
+    records = _cohort_records(cohort, mpp)
     loaded = _load(model, arch, input_px, scale, mean, std)
     spec = loaded.spec
     layer = layer or spec.default_layer
@@ -217,6 +207,23 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
         _fail_runtime(exc, out)
     _print_summary(summary)
     return summary.exit_code
+
+
+def _cohort_records(cohort: Path, mpp: float | None) -> list:
+    """The cohort's slide records, or exit 2 listing what to fix; a folder's skipped files are printed."""
+    from .cohort import PLAUSIBLE_MPP, CohortError, folder_skips, load_cohort
+
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        _fail(f"--mpp {mpp:g} um/px is outside the plausible range {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} "
+              "(0.25 for 40x, 0.5 for 20x); check the unit (um per pixel).")
+    try:
+        records = load_cohort(cohort)
+    except (CohortError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if cohort.is_dir():
+        for name, why in folder_skips(cohort):
+            console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}")
+    return records
 
 
 _HOST_OOM_ADVICE = ("Finished slides are kept. Lower --batch-size or --workers (host memory) or --max-calib-cells, "

@@ -196,6 +196,35 @@ def _columns(manifest: Path, header: list[str]) -> dict[str, int]:
     return columns
 
 
+def _row_path(raw_path: str, number: int, base: Path, problems: list[str]) -> Path | None:
+    """A row's path, absolute and checked to be a regular file; None after appending what is wrong."""
+    if not raw_path:
+        problems.append(f"row {number}: empty path")
+        return None
+    try:
+        path = Path(raw_path).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        exists = path.exists()
+    except RuntimeError:  # Path.resolve: "Symlink loop from ..."
+        problems.append(f"row {number}: path {raw_path!r} is a symbolic link that loops back on itself; "
+                        f"point it at the slide file")
+        return None
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte or an over-long name
+        problems.append(f"row {number}: path {raw_path!r} is not a usable file path ({exc})")
+        return None
+    if not exists:
+        problems.append(f"row {number}: file not found: {path}" +
+                        ("" if Path(raw_path).is_absolute() else f" (path {raw_path!r} taken relative to {base})"))
+    elif path.is_dir():
+        problems.append(f"row {number}: {path} is a folder, not a slide file")
+    elif not path.is_file():
+        problems.append(f"row {number}: {path} is not a regular file (a FIFO, socket or device); "
+                        f"give the slide file itself")
+    else:
+        return path
+    return None
+
+
 def _record(values: dict[str, str], number: int, base: Path, problems: list[str]) -> SlideRecord | None:
     """One manifest row -> SlideRecord, or None after appending what is wrong with it to `problems`."""
     ok = True
@@ -207,34 +236,8 @@ def _record(values: dict[str, str], number: int, base: Path, problems: list[str]
         # Ids name per-slide output files, so they must not contain path separators.
         problems.append(f"row {number}: slide_id {slide_id!r} contains '/' or '\\'; use a plain name")
         ok = False
-    raw_path = values["path"]
-    path = None
-    if not raw_path:
-        problems.append(f"row {number}: empty path")
-        ok = False
-    else:
-        try:
-            path = Path(raw_path).expanduser()
-            path = (path if path.is_absolute() else base / path).resolve()
-            exists = path.exists()
-        except RuntimeError:  # Path.resolve: "Symlink loop from ..."
-            problems.append(f"row {number}: path {raw_path!r} is a symbolic link that loops back on itself; "
-                            f"point it at the slide file")
-            return None
-        except (OSError, ValueError) as exc:  # e.g. a NUL byte or an over-long name
-            problems.append(f"row {number}: path {raw_path!r} is not a usable file path ({exc})")
-            return None
-        if not exists:
-            problems.append(f"row {number}: file not found: {path}" +
-                            ("" if Path(raw_path).is_absolute() else f" (path {raw_path!r} taken relative to {base})"))
-            ok = False
-        elif path.is_dir():
-            problems.append(f"row {number}: {path} is a folder, not a slide file")
-            ok = False
-        elif not path.is_file():
-            problems.append(f"row {number}: {path} is not a regular file (a FIFO, socket or device); "
-                            f"give the slide file itself")
-            ok = False
+    path = _row_path(values["path"], number, base, problems)
+    ok = ok and path is not None
     mpp = None
     raw_mpp = values.get("mpp", "")
     if raw_mpp:
