@@ -119,6 +119,9 @@ def run(
     k_grid: str = typer.Option("4,6,8,10", "--k-grid", help="K values compared on the calibration sample "
                                "(comma-separated; empty to skip)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress bars."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Run the passes as one task per slide on Dask: "
+                                       "local:N (N worker processes here) or a scheduler address "
+                                       "(tcp://host:8786, or a scheduler file *.json). See README."),
 ) -> None:
     """Compute an atlas: tiles -> activations -> NMF concepts -> cluster maps -> atlas.h5.
 
@@ -131,7 +134,7 @@ def run(
                    calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
                    workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
                    output_activation=output_activation, explain=explain, target=target, gradcam=gradcam,
-                   positive_threshold=positive_threshold, k_grid=k_grid, progress=progress)
+                   positive_threshold=positive_threshold, k_grid=k_grid, progress=progress, dask=dask)
     raise typer.Exit(code)
 
 
@@ -150,7 +153,7 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
             relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=8,
             max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
             mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
-            positive_threshold=0.5, k_grid="4,6,8,10", progress=True) -> int:
+            positive_threshold=0.5, k_grid="4,6,8,10", progress=True, dask=None) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
@@ -158,6 +161,12 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
 
     if projection not in ("pca", "umap"):
         _fail(f"--projection must be pca or umap, got {projection!r}")
+    if dask is not None:
+        from .dask_run import check_dask_option
+        try:
+            check_dask_option(dask)
+        except ValueError as exc:
+            _fail(str(exc))
     if output_activation not in ("auto", "softmax", "sigmoid", "none"):
         _fail(f"--output-activation must be auto, softmax, sigmoid or none, got {output_activation!r}")
     from .targets import check_target
@@ -190,7 +199,8 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
     try:
         with _output_lock(out, command_line), bars:
             summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, explain=explain,
-                                   say=console.print, progress=bars, command_line=command_line)
+                                   say=console.print, progress=bars, command_line=command_line,
+                                   dask=dask)
     except typer.Exit:
         raise
     except (ConfigError, ModelError) as exc:

@@ -9,10 +9,12 @@ A part is written (atomically) when its slide is complete, so a crash costs only
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +49,16 @@ class PassStats:
     failed: int = 0
     tiles: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, outcome: "SlideOutcome") -> None:
+        self.tiles += outcome.tiles
+        if outcome.status == "ok":
+            self.ok += 1
+        elif outcome.status == "no_tissue":
+            self.no_tissue += 1
+        else:
+            self.failed += 1
+            self.failures.append((outcome.slide_id, outcome.info.get("error", "")))
 
 
 def tiling_options(cfg: RunConfig) -> TilingOptions:
@@ -100,10 +112,106 @@ class _SlideFull:
         self.cam_r: list[np.ndarray] = []
 
 
+@dataclass
+class SlideOutcome:
+    """What became of one slide in one pass (its part file is written by then)."""
+
+    slide_id: str
+    status: str                 # "ok", "no_tissue" or "failed"
+    tiles: int = 0
+    info: dict = field(default_factory=dict)  # tiles, seconds, warnings; or error
+
+
+class SlideWork:
+    """One slide of one pass: takes the slide's messages in order and writes its part file.
+
+    The single place where a slide's tiles become a part; the local pass (`run_pass`, slides
+    interleaved over reading processes) and the per-slide task (`run_slide`, one task per slide on a
+    cluster) both drive it, so a part is the same whichever way it was made.
+    """
+
+    def __init__(self, kind: str, job: SlideJob, cfg: RunConfig, layer: LayerInfo, folder: Path, key: str,
+                 k: int):
+        self.kind, self.job, self.cfg, self.layer = kind, job, cfg, layer
+        self.path = folder / part_name(job.index, job.record.slide_id)
+        self.key, self.k = key, k
+        self.acc = None
+        self.t0 = time.perf_counter()
+
+    def plan(self, msg: SlidePlan) -> None:
+        self.t0 = time.perf_counter()
+        if self.kind == "calibration":
+            self.acc = _SlideCalibration(msg, self.cfg.calib_cells_per_tile, self.layer.h * self.layer.w,
+                                         self.cfg.seed)
+        else:
+            self.acc = _SlideFull(msg, self.layer, self.cfg, self.k)
+
+    def batch(self, msg: TileBatch, engine: Engine) -> int:
+        """Run one batch of the slide's tiles through the engine. Returns the number of tiles."""
+        acc = self.acc
+        n = len(msg.pixels)
+        if self.kind == "calibration":
+            res = engine.run(msg.pixels, acc.cell_index(n))
+            acc.cells.append(res["cells"].reshape(-1, res["cells"].shape[-1]).astype(np.float16))
+        else:
+            res = engine.run(msg.pixels)
+            for name in acc.parts:
+                if name in res:
+                    acc.parts[name].append(res[name])
+            cw = res["cell_weights"]  # (B, h, w, K)
+            acc.parts["weights"].append(cw.sum(axis=(1, 2)))
+            acc.thumbs.extend(msg.thumbs)
+            acc.canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], cw)
+            acc.protos.offer(msg.start, msg.pixels.numpy(), cw)
+            if "gradcam" in res:
+                acc.cam_canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], res["gradcam"][..., None])
+                acc.cam_r.append(cam_cluster_correlation(res["gradcam"], cw))
+        acc.min = min(acc.min, float(res["min"]))
+        return n
+
+    def end(self) -> SlideOutcome:
+        """The slide's tiles are all in: write its part."""
+        acc, rec = self.acc, self.job.record
+        n_tiles = len(acc.plan.coords)
+        status = "ok" if n_tiles else "no_tissue"
+        attrs = _plan_attrs(acc.plan, rec, self.key, status)
+        attrs["min_activation"] = None if not np.isfinite(acc.min) else acc.min
+        attrs["seconds"] = time.perf_counter() - self.t0
+        if self.kind == "calibration":
+            arrays = {"cells": np.concatenate(acc.cells) if acc.cells else
+                      np.zeros((0, self.layer.channels), np.float16)}
+        else:
+            arrays = _full_arrays(acc, self.layer, self.k)
+        save_part(self.path, arrays, attrs)
+        return SlideOutcome(rec.slide_id, status, n_tiles, {"tiles": n_tiles, "seconds": round(attrs["seconds"], 3),
+                                                             "warnings": acc.plan.warnings})
+
+    def fail(self, error: str) -> SlideOutcome:
+        _save_failure(self.path.parent, self.job, self.key, error)
+        return SlideOutcome(self.job.record.slide_id, "failed", 0, {"error": error})
+
+
+def make_engine(kind: str, module: torch.nn.Module, spec, layer_module: torch.nn.Module, device: torch.device,
+                cfg: RunConfig, concepts=None) -> Engine:
+    """The engine of one pass: calibration samples raw cells and stops at the layer; the full pass
+    assigns cells to `concepts` and runs the whole model (and GradCAM when asked for)."""
+    if kind == "calibration":
+        return Engine(module, spec, layer_module, device, relu=cfg.relu, concepts=None,
+                      calib_cells=cfg.calib_cells_per_tile, output_activation=cfg.output_activation)
+    return Engine(module, spec, layer_module, device, relu=cfg.relu, concepts=concepts,
+                  output_activation=cfg.output_activation,
+                  gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target)
+
+
+def _concepts_k(engine: Engine) -> int:
+    return engine.probe.H.shape[0] if engine.probe.H is not None else 0
+
+
 def run_pass(kind: str, jobs: list[SlideJob], records_by_index: dict[int, SlideRecord], engine: Engine,
              cfg: RunConfig, layer: LayerInfo, folder: Path, key: str, *,
              on_tiles: Callable[[int], None], on_slide: Callable[[str, str, dict], None]) -> PassStats:
-    """Run one pass ('calibration' or 'full') over `jobs`, writing a part per slide into `folder`.
+    """Run one pass ('calibration' or 'full') over `jobs` in this process (slides read by `cfg.workers`
+    reading processes), writing a part per slide into `folder`.
 
     on_tiles(n) is called as tiles are processed; on_slide(slide_id, status, info) when a slide ends.
     """
@@ -111,69 +219,81 @@ def run_pass(kind: str, jobs: list[SlideJob], records_by_index: dict[int, SlideR
     if not jobs:
         return stats
     stream = TileStream(jobs, tiling_options(cfg))
-    open_slides: dict[int, object] = {}
-    started: dict[int, float] = {}
-    job_of = {j.index: j for j in jobs}
-    k = engine.probe.H.shape[0] if engine.probe.H is not None else 0
+    k = _concepts_k(engine)
+    works = {j.index: SlideWork(kind, j, cfg, layer, folder, key, k) for j in jobs}
     for msg in stream_slides(stream, cfg.workers):
+        work = works[msg.index]
         if isinstance(msg, SlidePlan):
-            started[msg.index] = time.perf_counter()
-            if kind == "calibration":
-                open_slides[msg.index] = _SlideCalibration(msg, cfg.calib_cells_per_tile, layer.h * layer.w,
-                                                           cfg.seed)
-            else:
-                open_slides[msg.index] = _SlideFull(msg, layer, cfg, k)
+            work.plan(msg)
         elif isinstance(msg, TileBatch):
-            acc = open_slides[msg.index]
-            n = len(msg.pixels)
-            if kind == "calibration":
-                res = engine.run(msg.pixels, acc.cell_index(n))
-                acc.cells.append(res["cells"].reshape(-1, res["cells"].shape[-1]).astype(np.float16))
-            else:
-                res = engine.run(msg.pixels)
-                for name in acc.parts:
-                    if name in res:
-                        acc.parts[name].append(res[name])
-                cw = res["cell_weights"]  # (B, h, w, K)
-                acc.parts["weights"].append(cw.sum(axis=(1, 2)))
-                acc.thumbs.extend(msg.thumbs)
-                acc.canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], cw)
-                acc.protos.offer(msg.start, msg.pixels.numpy(), cw)
-                if "gradcam" in res:
-                    acc.cam_canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], res["gradcam"][..., None])
-                    acc.cam_r.append(cam_cluster_correlation(res["gradcam"], cw))
-            acc.min = min(acc.min, float(res["min"]))
-            on_tiles(n)
-        elif isinstance(msg, SlideEnd):
-            acc = open_slides.pop(msg.index)
-            rec = records_by_index[msg.index]
-            n_tiles = len(acc.plan.coords)
-            status = "ok" if n_tiles else "no_tissue"
-            attrs = _plan_attrs(acc.plan, rec, key, status)
-            attrs["min_activation"] = None if not np.isfinite(acc.min) else acc.min
-            attrs["seconds"] = time.perf_counter() - started.pop(msg.index)
-            if kind == "calibration":
-                arrays = {"cells": np.concatenate(acc.cells) if acc.cells else
-                          np.zeros((0, layer.channels), np.float16)}
-            else:
-                arrays = _full_arrays(acc, layer, k)
-            save_part(folder / part_name(msg.index, rec.slide_id), arrays, attrs)
-            stats.tiles += n_tiles
-            if status == "ok":
-                stats.ok += 1
-            else:
-                stats.no_tissue += 1
-            on_slide(rec.slide_id, status, {"tiles": n_tiles, "seconds": round(attrs["seconds"], 3),
-                                            "warnings": acc.plan.warnings})
-        elif isinstance(msg, SlideFailed):
-            open_slides.pop(msg.index, None)
-            started.pop(msg.index, None)
-            rec = records_by_index[msg.index]
-            _save_failure(folder, job_of[msg.index], key, msg.error)
-            stats.failed += 1
-            stats.failures.append((rec.slide_id, msg.error))
-            on_slide(rec.slide_id, "failed", {"error": msg.error})
+            on_tiles(work.batch(msg, engine))
+        elif isinstance(msg, (SlideEnd, SlideFailed)):
+            outcome = work.end() if isinstance(msg, SlideEnd) else work.fail(msg.error)
+            stats.add(outcome)
+            on_slide(outcome.slide_id, outcome.status, outcome.info)
     return stats
+
+
+def run_slide(kind: str, job: SlideJob, engine: Engine, cfg: RunConfig, layer: LayerInfo, folder: Path,
+              key: str, on_tiles: Callable[[int], None] = lambda n: None) -> SlideOutcome:
+    """One slide of one pass, read in this process (a background thread reads the next batch while
+    the model runs), its part written into `folder`. The unit of work of a cluster task."""
+    work = SlideWork(kind, job, cfg, layer, folder, key, _concepts_k(engine))
+    outcome = None
+    for msg in prefetch(iter(TileStream([job], tiling_options(cfg))), depth=2):
+        if isinstance(msg, SlidePlan):
+            work.plan(msg)
+        elif isinstance(msg, TileBatch):
+            on_tiles(work.batch(msg, engine))
+        elif isinstance(msg, SlideEnd):
+            outcome = work.end()
+        elif isinstance(msg, SlideFailed):
+            outcome = work.fail(msg.error)
+    assert outcome is not None
+    return outcome
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Iterate `items` produced by a background thread, at most `depth` ahead (slide reading releases
+    the GIL, so reading overlaps the model). Stops the thread when the consumer stops early."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="lumen-slide-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _cat(chunks: list[np.ndarray], width: int, dtype) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .activations import Engine, compute_signature, layer_geometry, output_count, pick_device, resolve_output
+from .activations import Concepts, compute_signature, layer_geometry, output_count, pick_device, resolve_output
 from .assemble import build_atlas
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
@@ -30,7 +30,7 @@ from .config import RunConfig
 from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
 from .parts import is_done, part_name, read_part_attrs, save_part
-from .passes import LayerInfo, run_pass
+from .passes import LayerInfo, PassStats, make_engine, run_pass
 from .runlock import check_free_space
 from .runlog import PassProgress, RunLog, common_reason
 from .targets import default_target
@@ -90,8 +90,12 @@ def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
 
 def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
         concepts_from: Path | None = None, explain: str | None = None, say: Callable[[str], None] = print,
-        progress: PassProgress | None = None, command_line: str = "") -> RunSummary:
-    """Run the whole job. Raises ConfigError before any slide is read when settings cannot work."""
+        progress: PassProgress | None = None, command_line: str = "", dask: str | None = None) -> RunSummary:
+    """Run the whole job. Raises ConfigError before any slide is read when settings cannot work.
+
+    dask: None runs the passes in this process; 'local:N' or a scheduler address runs them as one task
+    per slide on Dask workers (see dask_run.py). Either way the parts, the NMF fit and the atlas are
+    made here, and the atlas is the same."""
     t0 = time.perf_counter()
     layer_mod = find_layer(loaded.module, cfg.layer)
     c, h, w = layer_geometry(loaded.module, layer_mod, cfg.tile_px)
@@ -113,7 +117,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
         remove_stale_tmp(d)
     log = RunLog(out.with_name(out.name + ".log.jsonl"))
     log.event("run_start", version=__version__, config=cfg.to_dict(), slides=len(records), device=str(device),
-              layer_shape=[c, h, w], command_line=command_line)
+              layer_shape=[c, h, w], command_line=command_line, dask=dask)
     by_index = {i: r for i, r in enumerate(records)}
     summary = RunSummary(atlas=None)
     progress = progress or PassProgress(console=None, enabled=False)  # type: ignore[arg-type]
@@ -130,7 +134,23 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             reasons_said.add(reason)
             say(f"[red]failed[/] {escape(slide_id)}: {escape(str(info.get('error')))}")
 
+    def one_pass(kind: str, todo: list[SlideJob], folder: Path, key: str, concepts: Concepts | None) -> PassStats:
+        if executor is not None:
+            return executor.run_pass(kind, todo, cfg, layer, folder, key, concepts,
+                                     on_tiles=progress.add_tiles, on_slide=on_slide)
+        engine = make_engine(kind, loaded.module, loaded.spec, layer_mod, device, cfg, concepts)
+        try:
+            return run_pass(kind, todo, by_index, engine, cfg, layer, folder, key,
+                            on_tiles=progress.add_tiles, on_slide=on_slide)
+        finally:
+            engine.close()
+
+    executor = None
     try:
+        if dask is not None:
+            from .dask_run import DaskPasses  # dask is only imported when asked for
+            executor = DaskPasses(dask, loaded, cfg.arch, say=say)
+            cfg = dataclasses.replace(cfg, compute=executor.compute_signature(cfg.device))
         # 1. concepts: reuse, or calibrate and fit
         calib_failed: dict[int, str] = {}
         if concepts_from is not None:
@@ -143,14 +163,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             todo = [SlideJob(i, r, sample_tiles=cfg.calib_tiles_per_slide) for i, r in by_index.items()
                     if not is_done(calib_paths[i], ckey)]
             say(f"calibration: {len(records) - len(todo)} slides reused, {len(todo)} to sample")
-            engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=None,
-                            calib_cells=cfg.calib_cells_per_tile, output_activation=cfg.output_activation)
-            try:
-                progress.start("calibration", len(todo))
-                st = run_pass("calibration", todo, by_index, engine, cfg, layer, calib_dir, ckey,
-                              on_tiles=progress.add_tiles, on_slide=on_slide)
-            finally:
-                engine.close()
+            progress.start("calibration", len(todo))
+            st = one_pass("calibration", todo, calib_dir, ckey, None)
             log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
                       tiles=st.tiles)
             ids = {r.slide_id: i for i, r in by_index.items()}
@@ -199,16 +213,11 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             if is_done(slide_paths[i], skey):
                 log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
         say(f"full pass: {summary.reused} slides already done, {len(todo)} to process")
-        engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=concepts,
-                        output_activation=cfg.output_activation,
-                        gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target)
-        try:
-            progress.start("full pass", len(todo))
-            st = run_pass("full", todo, by_index, engine, cfg, layer, slides_dir, skey,
-                          on_tiles=progress.add_tiles, on_slide=on_slide)
-        finally:
-            engine.close()
+        progress.start("full pass", len(todo))
+        st = one_pass("full", todo, slides_dir, skey, concepts)
         log.event("pass_end", name="full", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed, tiles=st.tiles)
+        if executor is not None:  # the workers are done; the assembly runs here
+            executor.close()
 
         # 3. atlas
         statuses = [(read_part_attrs(p) or {}) for p in slide_paths]
@@ -253,5 +262,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
                   seconds=round(summary.seconds, 2), atlas=str(out), relative_error=facts.get("relative_error"))
         return summary
     finally:
+        if executor is not None:
+            executor.close()
         summary.seconds = time.perf_counter() - t0
         log.close()
