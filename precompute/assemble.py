@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .activations import Concepts
-from .clustering import assign, fit_kmeans
+from .clustering import assign_labels, fit_kmeans
 from .cohort import SlideRecord
 from .config import RunConfig
 from .parts import load_part, read_part_attrs
@@ -41,7 +41,7 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
     probe, _ = load_part(first_ok)
     output_names = list(root_attrs.get("output_names") or [f"out_{i}" for i in range(probe["outputs"].shape[1])])
     has_probs = "probs" in probe
-    protos: list[dict] = []
+    protos: list[tuple] = []  # the prototypes chosen so far (see _choose_prototypes)
     total_sq_resid = total_sq_norm = 0.0
     has_cam = "gradcam_r" in probe
     extra = {"gradcam_r": ((k,), np.float32)} if has_cam else {}
@@ -68,8 +68,9 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
                 if has_cam:
                     tiles["gradcam_r"] = arrays["gradcam_r"]
                 start = w.n_tiles
-                protos.append({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
-                               **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
+                new = _proto_rows({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
+                                   **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
+                protos = _choose_prototypes(protos + new, k, cfg.prototypes_per_cluster)
                 assert len(tiles["x"]) == n
             if "thumbnail" in arrays:
                 maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam")
@@ -80,17 +81,8 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
             w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
 
         say(f"clustering {w.n_tiles} tiles (k-means) and projecting them ({cfg.projection})")
-        emb = w.tile_column("embedding")  # float16; k-means and PCA convert batch by batch
-        kk = cfg.kmeans_k or k
         facts: dict[str, Any] = {"tiles": int(w.n_tiles)}
-        if len(emb) >= kk:
-            km = fit_kmeans(emb, kk, seed=cfg.seed)
-            labels, _ = assign(km, emb)
-            w.put_tile_column("kmeans_cluster", labels.astype(np.int16), attrs={"k": kk, "seed": cfg.seed})
-            w.put_group("kmeans", {"centers": np.asarray(km.cluster_centers_, np.float32)})
-        coords, params = project(emb, method=cfg.projection, seed=cfg.seed)
-        w.put_tile_column("proj", coords.astype(np.float32), attrs=params)
-        del emb
+        _cluster_and_project(w, cfg, k)
 
         H = concepts.H
         dist = np.sqrt(np.maximum(((H[:, None, :] - H[None, :, :]) ** 2).sum(-1), 0)).astype(np.float32)
@@ -101,7 +93,7 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
         overall_err = math.sqrt(total_sq_resid / total_sq_norm) if total_sq_norm else float("nan")
         w.put_group("clusters", cluster_arrays, attrs={"k": k, "relative_error": overall_err,
                                                        "distance": "euclidean between rows of H"})
-        w.put_group("clusters/prototypes", _top_prototypes(protos, k, cfg.prototypes_per_cluster),
+        w.put_group("clusters/prototypes", _prototype_arrays(protos),
                     attrs={"crop": "cell plus one cell of context on each side, 96 px JPEG"})
         facts["relative_error"] = overall_err
         if fidelity is not None:
@@ -110,15 +102,36 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
     return facts
 
 
-def _top_prototypes(per_slide: list[dict], k: int, keep: int) -> dict[str, Any]:
+def _cluster_and_project(w: AtlasWriter, cfg: RunConfig, k: int) -> None:
+    """k-means and the 2-D projection over every tile in bounded memory: both fit on a seeded sample of
+    the stored embeddings (k-means 100k rows, PCA 200k, UMAP 50k) and then label/project all tiles
+    batch by batch, straight into the atlas columns; memory does not grow with the number of tiles."""
+    emb = w.tile_column_reader("embedding")  # float16 on disk; k-means and PCA convert batch by batch
+    kk = cfg.kmeans_k or k
+    if len(emb) >= kk:
+        km = fit_kmeans(emb, kk, seed=cfg.seed)
+        assign_labels(km, emb, w.new_tile_column("kmeans_cluster", (), np.int16, attrs={"k": kk, "seed": cfg.seed}))
+        w.put_group("kmeans", {"centers": np.asarray(km.cluster_centers_, np.float32)})
+    proj = w.new_tile_column("proj", (2,), np.float32)
+    _, params = project(emb, method=cfg.projection, seed=cfg.seed, out=proj)
+    w.set_tile_column_attrs("proj", params)
+
+
+_PROTO_COLS = ("slide", "tile", "cluster", "weight", "cell_y", "cell_x")
+_PROTO_DTYPES = (np.int32, np.int64, np.int16, np.float32, np.int16, np.int16)
+
+
+def _proto_rows(p: dict) -> list[tuple]:
+    """One slide's prototype candidates as rows (slide, tile, cluster, weight, cell_y, cell_x, jpeg)."""
+    return [(p["slide"], int(p["tile"][i]), int(p["cluster"][i]), float(p["weight"][i]),
+             int(p["cell_y"][i]), int(p["cell_x"][i]), p["crop"][i]) for i in range(len(p["cluster"]))]
+
+
+def _choose_prototypes(rows: list[tuple], k: int, keep: int) -> list[tuple]:
     """Global top `keep` cells per cluster, at most ceil(keep / 4) from one slide when several slides
-    contribute, so one slide cannot fill a cluster's gallery."""
-    cols = ("slide", "tile", "cluster", "weight", "cell_y", "cell_x")
-    rows = []
-    for p in per_slide:
-        for i in range(len(p["cluster"])):
-            rows.append((p["slide"], int(p["tile"][i]), int(p["cluster"][i]), float(p["weight"][i]),
-                         int(p["cell_y"][i]), int(p["cell_x"][i]), p["crop"][i]))
+    contribute, so one slide cannot fill a cluster's gallery. Choosing again from (chosen so far + a new
+    slide's rows) gives what choosing from all rows at once gives, so the assembly keeps only the chosen
+    rows between slides: memory of k x keep crops, not of every slide's candidates."""
     n_slides = len({r[0] for r in rows})
     per_slide_cap = keep if n_slides <= 1 else max(1, math.ceil(keep / 4))
     chosen = []
@@ -130,10 +143,12 @@ def _top_prototypes(per_slide: list[dict], k: int, keep: int) -> dict[str, Any]:
                 taken[r[0]] = taken.get(r[0], 0) + 1
                 if sum(taken.values()) >= keep:
                     break
-    dtypes = (np.int32, np.int64, np.int16, np.float32, np.int16, np.int16)
+    return chosen
+
+
+def _prototype_arrays(chosen: list[tuple]) -> dict[str, Any]:
     out: dict[str, Any] = {name: np.array([r[i] for r in chosen], dtype=dt) for i, (name, dt) in
-                           enumerate(zip(cols, dtypes))}
-    out["jpeg"] = [r[6] for r in chosen]
-    if not chosen:
-        out.pop("jpeg")
+                           enumerate(zip(_PROTO_COLS, _PROTO_DTYPES))}
+    if chosen:
+        out["jpeg"] = [r[6] for r in chosen]
     return out

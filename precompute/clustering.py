@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import KMeans
 
-__all__ = ["KMeansModel", "assign", "fit_kmeans", "sample_rows"]
+__all__ = ["KMeansModel", "assign", "assign_labels", "fit_kmeans", "sample_rows"]
 
 KMeansModel = KMeans  # a fitted sklearn KMeans; cluster_centers_ (k, d) float32
 
@@ -67,3 +67,12 @@ def assign(model: KMeansModel, X: Any, batch: int = 65536) -> tuple[np.ndarray, 
         labels[start : start + batch] = model.predict(block)
         dist[start : start + batch] = model.transform(block)
     return labels, dist
+
+
+def assign_labels(model: KMeansModel, X: Any, out: Any, batch: int = 65536) -> None:
+    """Nearest centre of every row of X (n, d) written into out[rows] (int16) batch by batch: the labels
+    `assign` gives, without holding all n of them (or the n x k distances) in memory."""
+    n = X.shape[0]
+    for start in range(0, n, batch):
+        block = _rows_f32(X, slice(start, start + batch))
+        out[start : start + len(block)] = model.predict(block).astype(np.int16)

@@ -81,7 +81,7 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
                 return TorchNMF(n_components=k, seed=seed, max_iter=cfg.nmf_max_iter).fit(V).components_
 
             rows = sample_rows(len(y), K_GRID_MAX_TILES, cfg.seed)
-            grid = k_grid(cells, w.tile_column("embedding")[rows].astype(np.float32), y[rows], groups[rows], ks,
+            grid = k_grid(cells, w.tile_column_reader("embedding")[rows].astype(np.float32), y[rows], groups[rows], ks,
                           seed=cfg.seed, nmf_fit=nmf_fit)
             w.put_group("fidelity/k_grid", {k: np.asarray(v) for k, v in grid.items()})
 

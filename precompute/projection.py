@@ -36,9 +36,8 @@ def _load(X: Any, rows: Any) -> np.ndarray:
     return block
 
 
-def _pca(X: Any, idx: np.ndarray, seed: int, batch_rows: int) -> tuple[np.ndarray, dict]:
+def _pca(X: Any, idx: np.ndarray, seed: int, batch_rows: int, coords: Any) -> tuple[Any, dict]:
     n, d = X.shape
-    coords = np.zeros((n, 2), dtype=np.float32)
     n_comp = min(2, len(idx) - 1, d)  # n rows span at most n - 1 directions once centred
     params: dict = {"method": "pca", "fit_rows": int(len(idx)), "n_rows": int(n), "seed": int(seed)}
     if n_comp < 1:
@@ -54,16 +53,17 @@ def _pca(X: Any, idx: np.ndarray, seed: int, batch_rows: int) -> tuple[np.ndarra
     offset = pca.mean_.astype(np.float32) @ comps.T  # centre after projecting: no (rows, d) temporary
     for sl in _batches(n, batch_rows):
         block = np.asarray(X[sl], dtype=np.float32)
-        xy = block @ comps.T - offset
+        xy = np.zeros((len(block), 2), np.float32)
+        xy[:, :n_comp] = block @ comps.T - offset
         if not np.isfinite(xy).all():  # NaN/inf in a row always reach its coordinates
             raise ValueError("X contains NaN or infinite values; check the embeddings before projecting.")
-        coords[sl, :n_comp] = xy
+        coords[sl] = xy
     evr = [float(v) for v in pca.explained_variance_ratio_] + [0.0] * (2 - n_comp)
     params["explained_variance_ratio"] = evr
     return coords, params
 
 
-def _umap(X: Any, idx: np.ndarray, seed: int, batch_rows: int) -> tuple[np.ndarray, dict]:
+def _umap(X: Any, idx: np.ndarray, seed: int, batch_rows: int, coords: Any) -> tuple[Any, dict]:
     import umap  # slow import (numba); only pay for it when asked
 
     n = X.shape[0]
@@ -73,7 +73,6 @@ def _umap(X: Any, idx: np.ndarray, seed: int, batch_rows: int) -> tuple[np.ndarr
         n_jobs=1,  # a seeded UMAP runs single-threaded anyway; saying so avoids its warning
     )
     reducer.fit(_load(X, idx))
-    coords = np.empty((n, 2), dtype=np.float32)
     coords[idx] = reducer.embedding_
     rest = np.setdiff1d(np.arange(n), idx, assume_unique=True)
     for start in range(0, len(rest), batch_rows):
@@ -97,12 +96,15 @@ def project(
     fit_sample: int | None = None,
     *,
     batch_rows: int = 65536,
-) -> tuple[np.ndarray, dict]:
+    out: Any = None,
+) -> tuple[Any, dict]:
     """Project rows of X (n, d) to 2-D.
 
     method: "pca" (default fit sample 200,000 rows) or "umap" (n_neighbors 15, min_dist 0.1,
     default fit sample 50,000 rows; rows outside the sample are placed by `transform`).
-    X may be any float array-like with shape and slicing (numpy, memmap, h5py dataset).
+    X may be any float array-like with shape and slicing (numpy, memmap, store.TileColumn).
+    `out` (n, 2), when given, receives the coordinates batch by batch (e.g. a store.ColumnWriter, so
+    they never sit in memory whole) and is returned in place of a new array.
     Returns coords (n, 2) float32 and params (method, fit_rows, n_rows, seed, and
     explained_variance_ratio for PCA). Fewer than 3 rows give zeros; too few rows for UMAP fall
     back to PCA, which params["method"] then records.
@@ -117,9 +119,10 @@ def project(
     if fit_sample < 1:
         raise ValueError(f"fit_sample must be >= 1, got {fit_sample}.")
     idx = sample_rows(n, fit_sample, seed)
+    coords = np.zeros((n, 2), dtype=np.float32) if out is None else out
     if method == "umap" and len(idx) >= _MIN_UMAP_ROWS:
-        return _umap(X, idx, seed, batch_rows)
-    coords, params = _pca(X, idx, seed, batch_rows)
+        return _umap(X, idx, seed, batch_rows, coords)
+    coords, params = _pca(X, idx, seed, batch_rows, coords)
     if method == "umap":
         params["note"] = f"UMAP needs at least {_MIN_UMAP_ROWS} rows; PCA used instead"
     return coords, params

@@ -118,6 +118,68 @@ class _Appendable:
             self.ds[n0:] = rows
 
 
+class TileColumn:
+    """Read-only, array-like view of an HDF5 tile column for passes over every tile in bounded memory.
+
+    `shape`, `dtype`, and indexing by a slice (read as is) or by sorted row indices (a sample: read one
+    block of `block_rows` rows at a time and keep the wanted rows, which is far faster than HDF5 point
+    selection); memory is one block plus the result.
+    """
+
+    def __init__(self, ds: h5py.Dataset, block_rows: int = 65536):
+        self.ds = ds
+        self.block_rows = block_rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ds.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.ds.dtype
+
+    def __len__(self) -> int:
+        return self.ds.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (slice, int, np.integer)):
+            return self.ds[key]
+        rows = np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows),) + self.ds.shape[1:], self.ds.dtype)
+        if not len(rows):
+            return out
+        if (np.diff(rows) < 0).any() or rows[0] < 0 or rows[-1] >= len(self):
+            raise IndexError("TileColumn takes sorted row indices within the column")
+        blocks, first = np.unique(rows // self.block_rows, return_index=True)
+        ends = np.append(first[1:], len(rows))
+        for b, i0, i1 in zip(blocks, first, ends):
+            lo = int(b) * self.block_rows
+            data = self.ds[lo:lo + self.block_rows]
+            out[i0:i1] = data[rows[i0:i1] - lo]
+        return out
+
+    def batches(self, batch_rows: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """(rows, values) for consecutive blocks of rows covering the column."""
+        step = batch_rows or self.block_rows
+        for start in range(0, len(self), step):
+            sl = slice(start, min(start + step, len(self)))
+            yield sl, self.ds[sl]
+
+
+class ColumnWriter:
+    """Write access to one computed tile column: `writer[rows] = values` (a slice, or sorted indices)."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self.ds = ds
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ds.shape
+
+    def __setitem__(self, key, values) -> None:
+        self.ds[key] = values
+
+
 class AtlasWriter:
     """Write an atlas under a temporary name; it appears at `path` only when `close()` succeeds.
 
@@ -230,6 +292,26 @@ class AtlasWriter:
         ds = _write_column(self.f["tiles"], name, data)
         for key, value in (attrs or {}).items():
             ds.attrs[key] = _attr_value(value)
+
+    def new_tile_column(self, name: str, row_shape: tuple[int, ...], dtype,
+                        attrs: Mapping[str, Any] | None = None) -> "ColumnWriter":
+        """A column of n_tiles rows computed after all slides, filled batch by batch through the returned
+        writer (`writer[rows] = values`), so it never has to be in memory whole. Same layout as
+        put_tile_column; rows never written read as 0."""
+        shape = (self._n_tiles,) + tuple(row_shape)
+        ds = self.f["tiles"].create_dataset(name, shape=shape, dtype=dtype, chunks=_row_chunks(shape, dtype))
+        for key, value in (attrs or {}).items():
+            ds.attrs[key] = _attr_value(value)
+        return ColumnWriter(ds)
+
+    def set_tile_column_attrs(self, name: str, attrs: Mapping[str, Any]) -> None:
+        """Attributes of a tile column (e.g. parameters known once a streamed column is complete)."""
+        for key, value in attrs.items():
+            self.f["tiles"][name].attrs[key] = _attr_value(value)
+
+    def tile_column_reader(self, name: str) -> "TileColumn":
+        """A tile column written so far, read on demand (slices, or sorted row samples)."""
+        return TileColumn(self.f["tiles"][name])
 
     def put_group(self, group: str, arrays: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> None:
         """Store named arrays (and attrs) under `group` (e.g. clusters, clusters/prototypes)."""
