@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from .activations import Concepts, compute_signature, pick_device
 from .config import RunConfig
@@ -141,7 +142,7 @@ def _start_client(target: str, say: Callable[[str], None]):
     else:
         client = Client(target, timeout="60s")
     n = len(client.scheduler_info().get("workers", {}))
-    say(f"Dask: scheduler {target} with {n} workers now (more may join)")
+    say(f"Dask: scheduler {escape(target)} with {n} workers now (more may join)")
     return client, None
 
 
@@ -157,7 +158,7 @@ class DaskPasses:
                              "(see README, 'Many GPUs or a cluster') or use --dask local:N.") from exc
         services = self.client.scheduler_info().get("services", {})
         if "dashboard" in services:
-            say(f"Dask dashboard: {self.client.dashboard_link}")
+            say(f"Dask dashboard: {escape(self.client.dashboard_link)}")
         else:
             say("Dask dashboard: not available (pip install -r requirements-cluster.txt adds it)")
         self.ref = ModelRef(loaded.source, arch, loaded.spec, weights_fingerprint(loaded.module))
