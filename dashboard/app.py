@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dash
 
 import streamlit as st  # noqa: E402
 
-from dashboard import naming, state  # noqa: E402
+from dashboard import links, naming, state  # noqa: E402
 from dashboard.guard import atlas_guard, show  # noqa: E402
 from dashboard.data import AtlasFormatError, load  # noqa: E402
 from dashboard.views import cluster, enrichment, fidelity, overview, slide  # noqa: E402
@@ -57,6 +57,8 @@ def main() -> None:
         show(exc)
         st.caption(f"Usage: `{USAGE}`")
         st.stop()
+    links.check(data.attrs, data.path.name)
+    st.session_state["_download_prefix"] = f"{data.path.stem}-"
     naming.setup(data, naming.notes_argument(sys.argv[1:]))
 
     with st.sidebar:

@@ -29,9 +29,9 @@ def grid_to_thumb(grid: np.ndarray, cell_l0: float, thumb_downsample: float, siz
 
 def blend(base: np.ndarray, rgba: np.ndarray, opacity: float) -> np.ndarray:
     """base (h,w,3) uint8 under rgba (h,w,4) uint8 scaled by `opacity` in [0, 1] -> (h,w,3) uint8."""
-    a = rgba[..., 3:4].astype(np.float32) / 255.0 * float(opacity)
-    out = base.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a
-    return out.round().astype(np.uint8)
+    a = (rgba[..., 3:4].astype(np.uint32) * round(float(opacity) * 256)) // 256  # 0..255, integer math
+    out = (base.astype(np.uint32) * (255 - a) + rgba[..., :3].astype(np.uint32) * a + 127) // 255
+    return out.astype(np.uint8)
 
 
 def hard_rgba(hard: np.ndarray, k: int) -> np.ndarray:
@@ -75,10 +75,10 @@ def value_rgba(grid: np.ndarray, vrange: tuple[float, float] = (0.0, 1.0)) -> np
     return out
 
 
-def encode(img: np.ndarray, fmt: str = "JPEG") -> bytes:
-    """uint8 image -> JPEG (quality 88) or PNG bytes."""
+def encode(img: np.ndarray, fmt: str = "JPEG", quality: int = 88) -> bytes:
+    """uint8 image -> JPEG (quality 88 unless given) or PNG bytes."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
@@ -87,3 +87,73 @@ def upscale(img: np.ndarray, width: int) -> np.ndarray:
     h, w = img.shape[:2]
     f = max(1, width // max(w, 1))
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
+
+
+def annotate_view(img: np.ndarray, outline: tuple[float, float, float] | None, bar_px: float,
+                  bar_label: str) -> np.ndarray:
+    """Copy of a viewer image (h, w, 3) with a tile outlined (left, top, side in image px; black inside
+    white, visible on any stain) and a scale bar at the bottom centre (the part every screen shows)."""
+    from PIL import ImageDraw, ImageFont
+
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    if outline is not None:
+        u, v, side = outline
+        d.rectangle((u - 3, v - 3, u + side + 2, v + side + 2), outline="white", width=3)
+        d.rectangle((u - 1, v - 1, u + side, v + side), outline="black", width=3)
+    h, w = img.shape[:2]
+    font = ImageFont.load_default(size=18)
+    x0, y = w / 2 - bar_px / 2, h - 34
+    d.rectangle((x0 - 4, y - 4, x0 + bar_px + 4, y + 6), fill="white")
+    d.rectangle((x0, y - 1, x0 + bar_px, y + 3), fill="black")
+    d.text((w / 2, y - 8), bar_label, fill="black", font=font, anchor="mb", stroke_width=3, stroke_fill="white")
+    return np.asarray(im)
+
+
+def legend_png(img: np.ndarray, kind: str, payload, title: str) -> bytes:
+    """PNG of an image (h, w, 3) with a title and a legend strip under it. kind/payload as the slide page's
+    legend: 'chips' [(label, colour)], 'ramp1' (name, colour), 'ramp' (lo, hi, caption)."""
+    from PIL import ImageDraw, ImageFont
+
+    h, w = img.shape[:2]
+    font = ImageFont.load_default(size=16)
+    sheet = Image.new("RGB", (w, h + 64), "white")
+    sheet.paste(Image.fromarray(img), (0, 0))
+    d = ImageDraw.Draw(sheet)
+    d.text((8, h + 4), title, fill="black", font=font)
+    x, y = 8, h + 34
+    if kind == "chips":
+        for label, color in payload:
+            d.rectangle((x, y, x + 16, y + 16), fill=rgb(color), outline="black")
+            d.text((x + 22, y - 1), label, fill="black", font=font)
+            x += 34 + int(d.textlength(label, font=font))
+    else:
+        if kind == "ramp1":
+            name, color = payload
+            lo, hi, cap = "0", "top prototype weight", f"{name} weight"
+            t = np.linspace(0, 1, 200)[:, None]
+            strip = (255 * (1 - t) + np.array(rgb(color), np.float32) * t).astype(np.uint8)
+        else:
+            lo, hi, cap = payload
+            strip = viridis(np.linspace(0, 1, 200))
+        d.text((x, y - 1), f"{cap}: {lo}", fill="black", font=font)
+        x += 12 + int(d.textlength(f"{cap}: {lo}", font=font))
+        sheet.paste(Image.fromarray(np.repeat(strip[None], 16, axis=0)), (x, y))
+        d.text((x + 208, y - 1), hi, fill="black", font=font)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tile_with_cell(jpeg: bytes, cell_y: int, cell_x: int, grid: tuple[int, int], size: int = 150) -> np.ndarray:
+    """A tile thumbnail enlarged to `size` px with map cell (cell_y, cell_x) of its (gh, gw) grid outlined."""
+    from PIL import ImageDraw
+
+    im = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((size, size), Image.BILINEAR)
+    gh, gw = grid
+    ch, cw = size / gh, size / gw
+    d = ImageDraw.Draw(im)
+    box = (cell_x * cw, cell_y * ch, (cell_x + 1) * cw - 1, (cell_y + 1) * ch - 1)
+    d.rectangle(box, outline="white", width=4)
+    d.rectangle(box, outline="black", width=2)
+    return np.asarray(im)

@@ -18,6 +18,9 @@ from .data import AtlasData
 GALLERY_MAX = 60
 
 
+AXIS_COLOR = "#1a1a1a"  # chart text: 17:1 on white (projector readability needs >= 4.5:1)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "lumen"
 
@@ -43,16 +46,27 @@ def csv_bytes(df: pd.DataFrame) -> bytes:
     return out.to_csv(index=False, lineterminator="\r\n").encode()
 
 
+def download_prefix() -> str:
+    """'<atlas name>-' for download file names (set by the app for the atlas it shows)."""
+    return st.session_state.get("_download_prefix", "")
+
+
+def _file_name(name: str, ext: str) -> str:
+    prefix = download_prefix()
+    name = name if name.startswith(prefix) else prefix + name
+    return f"{_slug(name)}.{ext}"
+
+
 def csv_button(df: pd.DataFrame | Callable[[], pd.DataFrame], name: str, key: str, label: str = "CSV") -> None:
     """Download button for a table (built only when clicked if `df` is a callable)."""
     make = df if callable(df) else (lambda: df)
     st.download_button(f":material/download: {label}", data=lambda: csv_bytes(make()),
-                       file_name=f"{_slug(name)}.csv", mime="text/csv", key=key, on_click="ignore")
+                       file_name=_file_name(name, "csv"), mime="text/csv", key=key, on_click="ignore")
 
 
 def png_button(png: bytes | Callable[[], bytes], name: str, key: str, label: str = "PNG") -> None:
     st.download_button(f":material/download: {label}", data=png if callable(png) else (lambda: png),
-                       file_name=f"{_slug(name)}.png", mime="image/png", key=key, on_click="ignore")
+                       file_name=_file_name(name, "png"), mime="image/png", key=key, on_click="ignore")
 
 
 def concept_scale(k: int) -> alt.Scale:
@@ -91,18 +105,31 @@ def contact_sheet(images: list[bytes], captions: list[str], cols: int = 8, cell:
 
 
 def tile_gallery(data: AtlasData, rows, name: str, key: str, width: int = 120,
-                 captions: list[str] | None = None) -> None:
-    """Thumbnails of `rows` (at most GALLERY_MAX) with captions, plus CSV and PNG downloads."""
+                 captions: list[str] | None = None, cols: int = 6) -> None:
+    """Thumbnails of `rows` (at most GALLERY_MAX) with captions, each with a button that opens its
+    slide at that tile, plus CSV and PNG downloads."""
     rows = np.asarray(rows, np.int64)[:GALLERY_MAX]
     if not len(rows):
         st.info("No tiles to show.")
         return
     caps = captions or tile_captions(data, rows)
     images = data.thumbnails(rows)
-    st.image(images, caption=caps, width=width)
+    image_grid(data, images, caps, rows, key, width, cols)
     with st.container(horizontal=True):
         csv_button(lambda: data.tile_table(rows), name, key=f"{key}_csv")
         png_button(lambda: contact_sheet(images, caps), name, key=f"{key}_png")
+
+
+def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, width: int, cols: int) -> None:
+    """Images in a grid of `cols` columns, each with an 'Open on slide' button for tile rows[i]."""
+    from .views.slide import open_tile  # the slide page owns how a tile is opened
+
+    grid = st.columns(cols)
+    for n, (img, cap, r) in enumerate(zip(images, caps, rows)):
+        with grid[n % cols]:
+            st.image(img, caption=cap, width=width)
+            st.button("Open on slide", key=f"{key}_open_{n}", on_click=open_tile, args=(data, int(r)),
+                      icon=":material/open_in_new:", help="Open its slide at this tile, outlined")
 
 
 def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
@@ -113,8 +140,10 @@ def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
 def chart(ch: alt.TopLevelMixin, **kwargs):
     """st.altair_chart with the app's defaults: full width, type large enough for a projector."""
     kwargs.setdefault("width", "stretch")
-    ch = ch.configure_axis(labelFontSize=14, titleFontSize=15).configure_legend(
-        labelFontSize=14, titleFontSize=15, symbolSize=160).configure_title(fontSize=16, anchor="start")
+    ch = ch.configure_axis(labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR,
+                           labelLimit=320).configure_legend(
+        labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR, symbolSize=160,
+        labelLimit=320).configure_title(fontSize=17, anchor="start", color=AXIS_COLOR, limit=0)
     return st.altair_chart(ch, **kwargs)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import naming, state, ui
+from .. import naming, overlay, state, ui
 from ..colors import concept_color, concept_label, diagnosis_colors, legend_html
 from ..data import AtlasData
 from ..enrichment import slide_shares
@@ -124,8 +124,18 @@ def _prototypes(data, k, slide_ok) -> None:
     ids = data.slide_ids()
     caps = [f"{ids[p['slide'][r]]} · w {p['weight'][r]:.2f}" for r in rows]
     crops = data.prototype_crops(rows)
-    st.image(crops, caption=caps, width=120)
-    st.caption("Top-weight cells of the concept over the cohort (centre cell plus one cell of context).")
+    tiles = p["tile"][rows]
+    shape = data.attrs.get("layer_shape") or []
+    if isinstance(shape, list) and len(shape) == 3:  # each prototype inside its tile, its cell outlined
+        grid = (int(shape[1]), int(shape[2]))
+        shown = [overlay.tile_with_cell(jpg, int(p["cell_y"][r]), int(p["cell_x"][r]), grid)
+                 for jpg, r in zip(data.thumbnails(tiles), rows)]
+        note = "Each prototype cell (outlined) inside its tile"
+    else:
+        shown, note = crops, "Prototype cells with one cell of context"
+    ui.image_grid(data, shown, caps, tiles, "proto", width=120, cols=4)
+    st.caption(f"{note}: the top-weight cells of the concept over the cohort. 'Open on slide' shows the tile "
+               "outlined on its slide.")
     table = pd.DataFrame({"slide_id": ids[p["slide"][rows]], "tile": p["tile"][rows], "weight": p["weight"][rows],
                           "cell_y": p["cell_y"][rows], "cell_x": p["cell_x"][rows]})
     with st.container(horizontal=True):

@@ -1,8 +1,12 @@
-"""One slide: thumbnail with the cluster map (or one concept's soft map, or a model-output map) laid
-over it; click a tile to see it and its concept weights; soft maps of every concept below.
+"""One slide in a zoomable viewer: pixels of the original slide (or the stored thumbnail when the file
+is not reachable) under the concept map, one concept's soft map, a model-output map or GradCAM;
+drag a box to zoom into it, buttons to zoom, pan and go back to the whole slide; click a tile to
+inspect it. The selected tile is outlined; soft maps of every concept below.
 
-The chart is in level-0 pixel coordinates (y down, no axes so that the image keeps its aspect);
-each tile is a transparent clickable rectangle whose tooltip gives its level-0 x, y.
+Viewer choice (docs/dashboard.md): the server renders the viewport (dashboard/pixels.py +
+dashboard/viewport.py) and an Altair chart shows it, so nothing but Streamlit runs in the browser.
+The chart's axes are level-0 px; its x- and y-ranges follow the chart's own size (Vega expressions),
+so one rendered image serves every screen width without distortion.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import overlay, raster, state, ui
+from .. import overlay, raster, state, ui, viewport as vp
 from ..colors import VIRIDIS_HEX, concept_color, concept_label, legend_html
 from ..data import AtlasData
+from ..pixels import Pixels
 
-LAYERS = {"clusters": "Cluster map", "soft": "Soft map of one concept", "output": "Model output"}
-MAX_RECTS = 20_000  # clickable tiles drawn per slide
+LAYERS = {"clusters": "Concept map", "soft": "Soft map of one concept", "output": "Model output",
+          "gradcam": "GradCAM"}
+MAX_RECTS = 20_000  # clickable tiles drawn per view
 STRIP_PX = 260      # width of the small soft maps
-CHART_PX = 660      # longest side of the slide chart (fits a 1280-px-wide screen)
+MIN_BOX_PX = 12     # a dragged box smaller than this (screen px) is a click, not a zoom
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
@@ -30,8 +36,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     if not len(idx):
         st.info("No slide matches the diagnosis filter.")
         return
-    s = data.slides
-    ids = data.slide_ids()
+    s, ids = data.slides, data.slide_ids()
     label = {ids[i]: f"{ids[i]} — {s['diagnosis'].iat[i]}" + ("" if s["status"].iat[i] == "ok" else
                                                               f" ({s['status'].iat[i]})") for i in idx}
     c = st.columns([3, 2, 2, 2])
@@ -49,8 +54,9 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         if maps is not None:
             st.image(maps["thumbnail"], caption=f"{sid} thumbnail", width=400)
         return
+    layers = [name for name in LAYERS if name != "gradcam" or maps.get("gradcam") is not None]
     with c[1]:
-        layer = state.bound(st.selectbox, "Layer", "layer", default="clusters", options=list(LAYERS),
+        layer = state.bound(st.selectbox, "Layer", "layer", default="clusters", options=layers,
                             format_func=LAYERS.get)
     concept, output = 0, state.get("output", data.default_output, int)
     if not 0 <= output < len(data.output_names):
@@ -66,23 +72,157 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     with c[3]:
         opacity = state.bound(st.slider, "Overlay opacity (%)", "opacity", default=55, parse=int,
                               min_value=0, max_value=100, step=5)
-
-    jpeg, png_fn = _composite(data, i, layer, concept, output, opacity)
-    left, right = st.columns([5, 2])
-    with left:
-        event = ui.chart(_slide_chart(data, i, maps, jpeg), on_select="rerun", selection_mode="tile_pick",
-                         width="content")
-        _legend(data, layer, concept, output)
-        with st.container(horizontal=True):
-            ui.png_button(png_fn, f"{sid}-{layer}", key="dl_overlay", label="PNG of this map")
-            start, n = int(row["tile_start"]), int(row["n_tiles"])
-            ui.csv_button(lambda: data.tile_table(np.arange(start, start + n)), f"{sid}-tiles", key="dl_slide_tiles",
-                          label="CSV of its tiles")
-    with right:
-        _tile_panel(data, i, event)
+    _viewer(data, i, sid, layer, concept, output, opacity)
     st.subheader("Soft map of every concept, and the model output")
     _soft_strip(data, i, output)
 
+
+# -- view state ---------------------------------------------------------------------------
+def slide_size(data: AtlasData, i: int) -> tuple[float, float]:
+    """Level-0 (width, height) of slide i (from the slide table, else from its thumbnail)."""
+    row = data.slides.iloc[i]
+    w, h = float(row.get("width", 0) or 0), float(row.get("height", 0) or 0)
+    if w > 0 and h > 0:
+        return w, h
+    maps = data.slide_maps(i)
+    ds = float(maps.attrs["thumb_downsample"])
+    return maps["thumbnail"].shape[1] * ds, maps["thumbnail"].shape[0] * ds
+
+
+def _set_view(view: vp.View, sid: str) -> None:
+    st.session_state[state.widget_key("view")] = view.param()
+    st.session_state["_view_slide"] = sid
+    state.write("view", view.param())
+
+
+def open_tile(data: AtlasData, row: int) -> None:
+    """Callback: open tile `row` on its slide, centred, outlined (from prototypes, galleries, points)."""
+    i = int(data.tile_slide[row])
+    sid = str(data.slide_ids()[i])
+    w, h = slide_size(data, i)
+    t = float(data.slides["tile_l0"].iat[i])
+    state.go(page="slides", slide=sid, tile=int(row))
+    _set_view(vp.tile_view(float(data.x[row]), float(data.y[row]), t, w, h), sid)
+
+
+def _current_view(data: AtlasData, i: int, sid: str, tile: int | None) -> vp.View:
+    """The view of this slide: kept while the slide stays; from the URL when a link is opened; else the
+    selected tile (when the link names one) or the whole slide."""
+    w, h = slide_size(data, i)
+    owner = st.session_state.get("_view_slide")
+    view = None
+    if owner == sid or owner is None:  # same slide, or the first draw of this session (a link)
+        view = vp.View.parse(state.get("view"))
+    if view is None:
+        t = float(data.slides["tile_l0"].iat[i])
+        view = vp.tile_view(float(data.x[tile]), float(data.y[tile]), t, w, h) if tile is not None else vp.fit(w, h)
+    view = vp.clamp(view, w, h)
+    _set_view(view, sid)
+    return view
+
+
+def _move(sid: str, w: float, h: float, how: str, a: float = 0.0, b: float = 0.0) -> None:
+    """Callback of the viewer buttons: zoom by a, pan by (a, b) chart sizes, whole slide, or 1:1."""
+    view = vp.View.parse(st.session_state.get(state.widget_key("view"))) or vp.fit(w, h)
+    if how == "zoom":
+        view = vp.zoom(view, a, w, h)
+    elif how == "pan":
+        view = vp.pan(view, a, b, w, h)
+    elif how == "full":
+        view = vp.clamp(vp.View(view.cx, view.cy, 1.0), w, h)
+    else:
+        view = vp.fit(w, h)
+    _set_view(view, sid)
+
+
+def _on_chart(key: str, sid: str, w: float, h: float, rows: tuple[int, int]) -> None:
+    """Callback of the viewer chart: a click picks a tile; a dragged box zooms into it. The chart's key
+    names its view and tile, so each view starts with no leftover box or click."""
+    sel = (st.session_state.get(key) or {}).get("selection", {}) or {}
+    picked = [int(p["row"]) for p in sel.get("tile_pick") or [] if "row" in p]
+    box = sel.get("zoom") or {}
+    if "x" in box and "y" in box:
+        view = vp.View.parse(st.session_state.get(state.widget_key("view"))) or vp.fit(w, h)
+        (x0, x1), (y0, y1) = box["x"], box["y"]
+        if min(abs(x1 - x0), abs(y1 - y0)) / view.s >= MIN_BOX_PX:
+            _set_view(vp.box_view(x0, x1, y0, y1, w, h), sid)
+            return  # the browser also reports the end of a drag as a click: not a tile pick
+    if picked and rows[0] <= picked[0] < rows[1]:
+        st.session_state[state.widget_key("tile")] = picked[0]
+        state.write("tile", picked[0])
+
+
+def _on_tile_pick(data: AtlasData, i: int, sid: str) -> None:
+    """Callback of the tile list: bring the picked tile into view when it is outside it."""
+    r = st.session_state.get(state.widget_key("tile"))
+    view = vp.View.parse(st.session_state.get(state.widget_key("view")))
+    if r is None or view is None:
+        return
+    t = float(data.slides["tile_l0"].iat[i])
+    if not vp.contains(view, float(data.x[r]), float(data.y[r]), t):
+        w, h = slide_size(data, i)
+        _set_view(vp.clamp(vp.View(float(data.x[r]) + t / 2, float(data.y[r]) + t / 2, view.s), w, h), sid)
+
+
+# -- the viewer ---------------------------------------------------------------------------
+def _selected_tile(data: AtlasData, i: int) -> int | None:
+    """The tile named by the URL / tile list when it is on slide i, else None."""
+    row = data.slides.iloc[i]
+    start, n = int(row["tile_start"]), int(row["n_tiles"])
+    r = state.get("tile", None, int)
+    return r if r is not None and start <= r < start + n else None
+
+
+@st.fragment
+def _viewer(data: AtlasData, i: int, sid: str, layer: str, concept: int, output: int, opacity: int) -> None:
+    """Viewer, its buttons and the tile panel: a fragment, so a zoom, pan or tile pick reruns only this part."""
+    w, h = slide_size(data, i)
+    tile = _selected_tile(data, i)
+    view = _current_view(data, i, sid, tile)
+    pix = _pixels(data.key, i, data)
+    _toolbar(sid, w, h, view)
+    img = _view_image(data.key, i, layer, concept, output, opacity, view.param(), data)
+    row = data.slides.iloc[i]
+    start, n = int(row["tile_start"]), int(row["n_tiles"])
+    mpp = float(row["mpp"]) if np.isfinite(row["mpp"]) else None
+    key = f"viewer|{sid}|{view.param()}|{tile}"
+    shown = _annotate(data, i, view, img, tile, mpp)
+    ui.chart(_viewer_chart(data, i, view, overlay.encode(shown, quality=80)),
+             on_select=lambda: _on_chart(key, sid, w, h, (start, start + n)), selection_mode=["tile_pick", "zoom"],
+             key=key)
+    kind, level, ds = pix.source(view)
+    where = (f"original slide via {pix.slide.backend} (level {level}, {ds:g} level-0 px per px)" if kind == "slide"
+             else "the thumbnail stored in the atlas")
+    st.caption(f"1 screen px = {view.s:.3g} level-0 px ({100 / view.s:.0f} % of full resolution); pixels from "
+               f"{where}. Drag a box to zoom into it; click a tile to inspect it (outlined).")
+    if pix.slide is None:
+        st.warning(f"The original slide is not reachable, so the viewer shows the thumbnail stored in the atlas "
+                   f"(1 px = {pix.thumb_ds:.3g} level-0 px); zooming in only enlarges it. {pix.why}", icon="🔍")
+    _legend(data, i, layer, concept, output)
+    with st.container(horizontal=True):
+        name = f"{ui.download_prefix()}{sid}-{layer}-x{round(view.cx)}-y{round(view.cy)}-s{view.s:.3g}"
+        ui.png_button(lambda: _png_with_legend(data, i, shown, view, layer, concept, output), name,
+                      key="dl_overlay", label="PNG of this view (with legend)")
+        ui.csv_button(lambda: data.tile_table(np.arange(start, start + n)), f"{sid}-tiles", key="dl_slide_tiles",
+                      label="CSV of its tiles")
+    _tile_panel(data, i, sid)
+
+
+def _toolbar(sid: str, w: float, h: float, view: vp.View) -> None:
+    with st.container(horizontal=True):
+        for label, how, a, b in (("Whole slide", "fit", 0, 0), ("Zoom in", "zoom", vp.ZOOM_STEP, 0),
+                                 ("Zoom out", "zoom", 1 / vp.ZOOM_STEP, 0), ("Full resolution", "full", 0, 0),
+                                 ("←", "pan", -0.5, 0), ("→", "pan", 0.5, 0), ("↑", "pan", 0, -0.5),
+                                 ("↓", "pan", 0, 0.5)):
+            st.button(label, key=f"view_{label}", on_click=_move, args=(sid, w, h, how, a, b))
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _pixels(key: str, i: int, _data: AtlasData) -> Pixels:
+    row = _data.slides.iloc[i]
+    maps = _data.slide_maps(i)
+    w, h = slide_size(_data, i)
+    return Pixels.open(str(row["path"]), maps["thumbnail"], float(maps.attrs["thumb_downsample"]), w, h)
 
 
 def _soft_vmax(data: AtlasData, k: int, soft: np.ndarray) -> float:
@@ -94,110 +234,149 @@ def _soft_vmax(data: AtlasData, k: int, soft: np.ndarray) -> float:
     return float(np.nanmax(soft)) if soft.size else 1.0
 
 
-def _layer_rgba(data: AtlasData, i: int, layer: str, concept: int, output: int, shape) -> np.ndarray:
-    maps = data.slide_maps(i)
-    h, w = shape
-    ds, cell = float(maps.attrs["thumb_downsample"]), float(maps.attrs["cell_l0"])
+@st.cache_data(max_entries=16, show_spinner=False)
+def _layer_grid(key: str, i: int, layer: str, concept: int, output: int, _data: AtlasData) -> np.ndarray:
+    """(gh, gw, 4) uint8 RGBA of the layer per map cell."""
+    data, maps = _data, _data.slide_maps(i)
+    hard = maps["hard"]
     if layer == "clusters":
-        return overlay.grid_to_thumb(overlay.hard_rgba(maps["hard"], data.k), cell, ds, (w, h))
+        return overlay.hard_rgba(hard, data.k)
     if layer == "soft":
         soft = maps["soft"][concept].astype(np.float32)
-        rgba = overlay.soft_rgba(soft, _soft_vmax(data, concept, soft), concept_color(concept))
-        return overlay.grid_to_thumb(rgba, cell, ds, (w, h), resample=overlay.Image.BILINEAR)
+        return overlay.soft_rgba(soft, _soft_vmax(data, concept, soft), concept_color(concept))
+    if layer == "gradcam":
+        cam = np.where(hard > 0, maps["gradcam"].astype(np.float32), np.nan)
+        top = float(np.nanmax(cam)) if np.isfinite(cam).any() else 1.0
+        return overlay.value_rgba(cam, (0.0, top if top > 0 else 1.0))
     row = data.slides.iloc[i]
     start, n = int(row["tile_start"]), int(row["n_tiles"])
     rows = np.arange(start, start + n)
     grid = overlay.tile_value_grid(data.x[rows], data.y[rows], float(row["tile_l0"]), data.out[rows, output],
-                                   ds, (h, w))
+                                   float(maps.attrs["cell_l0"]), hard.shape)
     return overlay.value_rgba(grid, _value_range(data, output))
 
 
-@st.cache_data(max_entries=48, show_spinner=False)
-def _composite_cached(key: str, i: int, layer: str, concept: int, output: int, opacity: int, _data: AtlasData):
-    thumb = _data.slide_maps(i)["thumbnail"]
-    rgba = _layer_rgba(_data, i, layer, concept, output, thumb.shape[:2])
-    return overlay.blend(thumb, rgba, opacity / 100.0)
+@st.cache_resource(max_entries=24, show_spinner=False)  # resource: no pickling of 3 MB per hit; never mutated
+def _view_image(key: str, i: int, layer: str, concept: int, output: int, opacity: int, view: str,
+                _data: AtlasData) -> np.ndarray:
+    """(VIEW_H, RENDER_W, 3) uint8: the slide's pixels of `view` under the layer at `opacity` %."""
+    v = vp.View.parse(view)
+    base = _pixels(key, i, _data).render(v)
+    grid = _layer_grid(key, i, layer, concept, output, _data)
+    rows, cols = vp.cell_index(v, float(_data.slide_maps(i).attrs["cell_l0"]), grid.shape[:2])
+    return overlay.blend(base, vp.sample_grid(grid, rows, cols), opacity / 100.0)
 
 
-def _composite(data, i, layer, concept, output, opacity):
-    """(JPEG bytes for the chart, callable -> PNG bytes for the download)."""
-    img = _composite_cached(data.key, i, layer, concept, output, opacity, data)
-    return overlay.encode(img, "JPEG"), lambda: overlay.encode(img, "PNG")
-
-
-def _slide_chart(data: AtlasData, i: int, maps, jpeg: bytes):
+def _viewer_chart(data: AtlasData, i: int, view: vp.View, jpeg: bytes):
+    """The view's image (with outline and scale bar drawn in) under clickable tiles; x and y follow the
+    chart's size (Vega `width` / `height` signals), so the image is never stretched. Two layers only:
+    Altair's validation and Vega's compile time grow with the layers."""
+    x0, y0, x1, y1 = view.box()
+    xs = alt.Scale(domain=alt.ExprRef(f"[{view.cx} - width * {view.s} / 2, {view.cx} + width * {view.s} / 2]"),
+                   nice=False, zero=False)
+    ys = alt.Scale(domain=alt.ExprRef(f"[{view.cy} - height * {view.s} / 2, {view.cy} + height * {view.s} / 2]"),
+                   nice=False, zero=False, reverse=True)
+    # the image as a constant (not a data field): nothing base64 in the chart's data or "Show data"
+    image = alt.Chart(pd.DataFrame({"x": [x0], "x2": [x1], "y": [y0], "y2": [y1]})).mark_image(
+        aspect=False, clip=True).encode(x=alt.X("x:Q", scale=xs, axis=None), x2="x2:Q",
+                                        y=alt.Y("y:Q", scale=ys, axis=None), y2="y2:Q",
+                                        url=alt.value(raster.data_url(jpeg, "image/jpeg")))
     row = data.slides.iloc[i]
-    th, tw = maps["thumbnail"].shape[:2]
-    ds = float(maps.attrs["thumb_downsample"])
-    W, H = tw * ds, th * ds
-    width = CHART_PX
-    height = int(width * H / W)
-    if height > CHART_PX:
-        height, width = CHART_PX, int(CHART_PX * W / H)
-    xs = alt.Scale(domain=[0, W], nice=False, zero=False)
-    ys = alt.Scale(domain=[0, H], nice=False, zero=False, reverse=True)
-    img = alt.Chart(pd.DataFrame({"url": [raster.data_url(jpeg, "image/jpeg")], "x": [0.0], "x2": [W], "y": [0.0],
-                                  "y2": [H]})).mark_image(aspect=False).encode(
-        x=alt.X("x:Q", scale=xs, axis=None), x2="x2:Q",
-        y=alt.Y("y:Q", scale=ys, axis=None), y2="y2:Q", url="url:N")
-    start, n = int(row["tile_start"]), int(row["n_tiles"])
-    rows = np.arange(start, start + n)[: MAX_RECTS]
-    t = float(row["tile_l0"])
+    start, n, t = int(row["tile_start"]), int(row["n_tiles"]), float(row["tile_l0"])
+    rows = np.arange(start, start + n)
+    on = (data.x[rows] + t > x0) & (data.x[rows] < x1) & (data.y[rows] + t > y0) & (data.y[rows] < y1)
+    rows = rows[on][:MAX_RECTS]
     tiles = pd.DataFrame({"row": rows, "x": data.x[rows], "y": data.y[rows], "x2": data.x[rows] + t,
                           "y2": data.y[rows] + t, "concept": [concept_label(c) for c in data.nmf[rows]],
                           "top output": np.array(data.output_names, dtype=object)[data.top[rows]],
                           "value": data.out[rows, data.top[rows]]})
     pick = alt.selection_point(name="tile_pick", fields=["row"], on="click", clear=False)
-    rects = alt.Chart(tiles).mark_rect(fill="white", fillOpacity=0.01, stroke="black").encode(
+    zoom = alt.selection_interval(name="zoom", encodings=["x", "y"], clear="dblclick")
+    rects = alt.Chart(tiles).mark_rect(fill="white", fillOpacity=0.01, strokeOpacity=0, clip=True).encode(
         x=alt.X("x:Q", scale=xs), x2="x2:Q", y=alt.Y("y:Q", scale=ys), y2="y2:Q",
-        strokeWidth=alt.condition(pick, alt.value(3), alt.value(0), empty=False),
         tooltip=["concept", "top output", alt.Tooltip("value:Q", title=data.out_label, format=".2f"),
                  alt.Tooltip("x:Q", title="x (level-0 px)"), alt.Tooltip("y:Q", title="y (level-0 px)")],
-    ).add_params(pick)
-    return alt.layer(img, rects).properties(width=width, height=height, padding=0).configure_view(stroke=None)
+    ).add_params(pick, zoom)
+    return alt.layer(image, rects).properties(height=vp.VIEW_H, padding=0).configure_view(stroke=None)
 
 
-def _legend(data: AtlasData, layer: str, concept: int, output: int) -> None:
+def _annotate(data: AtlasData, i: int, view: vp.View, img: np.ndarray, tile: int | None, mpp: float | None) -> np.ndarray:
+    """A copy of the view image with the selected tile outlined and the scale bar drawn in."""
+    t = float(data.slides["tile_l0"].iat[i])
+    outline = None
+    if tile is not None:
+        x0, y0, _, _ = view.box()
+        outline = ((data.x[tile] - x0) / view.s, (data.y[tile] - y0) / view.s, t / view.s)
+    return overlay.annotate_view(img, outline, *vp.scale_bar(view.s, mpp))
+
+
+def _legend_items(data: AtlasData, i: int, layer: str, concept: int, output: int):
+    """(kind, payload): ('chips', [(label, colour)]) or ('ramp', (left text, right text, caption))."""
     if layer == "clusters":
-        st.markdown(legend_html([concept_label(j) for j in range(data.k)],
-                                [concept_color(j) for j in range(data.k)]) + " (no colour = no tissue)",
+        return "chips", [(concept_label(j), concept_color(j)) for j in range(data.k)]
+    if layer == "soft":
+        return "ramp1", (concept_label(concept), concept_color(concept))
+    if layer == "gradcam":
+        return "ramp", ("0", "slide max", "GradCAM of the explained output (per slide, 0 to its maximum)")
+    lo, hi = ("0", "1") if data.out_kind == "probs" else (f"{_value_range(data, output)[0]:.2f}",
+                                                          f"{_value_range(data, output)[1]:.2f}")
+    return "ramp", (lo, hi, f"{data.output_names[output]} {data.out_label}")
+
+
+def _legend(data: AtlasData, i: int, layer: str, concept: int, output: int) -> None:
+    kind, payload = _legend_items(data, i, layer, concept, output)
+    if kind == "chips":
+        st.markdown(legend_html([lab for lab, _ in payload], [c for _, c in payload]) + " (no colour = no tissue)",
                     unsafe_allow_html=True)
-    elif layer == "soft":
-        st.caption(f"Opacity ∝ weight of {concept_label(concept)} per cell; full colour at the weight of the "
-                   "concept's top prototype cell (the same scale on every slide).")
+    elif kind == "ramp1":
+        name, color = payload
+        st.markdown(f"{html.escape(name)} weight per cell: 0 <span style='display:inline-block;width:12em;height:1em;"
+                    f"vertical-align:middle;background:linear-gradient(to right, transparent, {color})'></span> "
+                    "weight of the concept's top prototype cell (same scale on every slide)", unsafe_allow_html=True)
     else:
-        lo, hi = ("0", "1") if data.out_kind == "probs" else ("min", "max")
+        lo, hi, cap = payload
         grad = ", ".join(VIRIDIS_HEX)
-        st.markdown(f"{html.escape(data.output_names[output])} {data.out_label}: {lo} "
-                    f"<span style='display:inline-block;width:12em;height:1em;vertical-align:middle;"
-                    f"background:linear-gradient(to right, {grad})'></span> {hi}", unsafe_allow_html=True)
-    st.caption("Click a tile to inspect it.")
+        st.markdown(f"{html.escape(cap)}: {lo} <span style='display:inline-block;width:12em;height:1em;"
+                    f"vertical-align:middle;background:linear-gradient(to right, {grad})'></span> {hi}",
+                    unsafe_allow_html=True)
 
 
-def _tile_panel(data: AtlasData, i: int, event) -> None:
-    st.subheader("Tile")
+def _png_with_legend(data, i, img, view, layer, concept, output) -> bytes:
+    """PNG of the middle of the view (what a 1,280-px screen shows; scale bar and outline drawn in)
+    with a title and the legend under it."""
+    kind, payload = _legend_items(data, i, layer, concept, output)
+    mid = img[:, (vp.RENDER_W - vp.FIT_W) // 2:(vp.RENDER_W + vp.FIT_W) // 2]
+    return overlay.legend_png(mid, kind, payload, f"{data.path.name} · {data.slide_ids()[i]} · {LAYERS[layer]} · "
+                                                  f"1 px = {view.s:.3g} level-0 px")
+
+
+# -- the tile panel -----------------------------------------------------------------------
+def _tile_panel(data: AtlasData, i: int, sid: str) -> None:
     row = data.slides.iloc[i]
     start, n = int(row["tile_start"]), int(row["n_tiles"])
     rows = list(range(start, start + n))
     if not rows:
         st.info("This slide has no tiles.")
         return
-    clicked = [int(p["row"]) for p in ((event or {}).get("selection", {}).get("tile_pick") or []) if "row" in p]
-    if clicked and clicked[0] in rows and clicked[0] != st.session_state.get("_tile_click"):
-        st.session_state["_tile_click"] = clicked[0]
-        st.session_state[state.widget_key("tile")] = clicked[0]
-    r = state.bound(st.selectbox, "Tile (x, y in level-0 px)", "tile", default=rows[0], options=rows, parse=int,
-                    format_func=lambda t: f"#{t - start} ({data.x[t]}, {data.y[t]}) · {concept_label(data.nmf[t])}")
-    st.image(data.thumbnails([r])[0], caption=ui.tile_captions(data, [r])[0], width=200)
-    top = np.argsort(-data.out[r])[:3]
-    st.markdown("Top outputs: " + ", ".join(f"**{data.output_names[j]}** {data.out[r, j]:.2f}" for j in top))
+    st.subheader("Selected tile")
+    left, mid, right = st.columns([2, 2, 3])
+    with left:
+        r = state.bound(st.selectbox, "Tile (x, y in level-0 px)", "tile", default=rows[0], options=rows, parse=int,
+                        format_func=lambda t: f"#{t - start} ({data.x[t]}, {data.y[t]}) · {concept_label(data.nmf[t])}",
+                        on_change=_on_tile_pick, args=(data, i, sid))
+        top = np.argsort(-data.out[r])[:3]
+        st.markdown("Top outputs: " + ", ".join(f"**{html.escape(data.output_names[j])}** {data.out[r, j]:.2f}"
+                                                for j in top))
+    with mid:
+        st.image(data.thumbnails([r])[0], caption=ui.tile_captions(data, [r])[0], width=200)
     w = data.weights[r]
     df = pd.DataFrame({"concept": [concept_label(j) for j in range(data.k)], "weight": w,
                        "share": w / max(w.sum(), 1e-12)})
-    ui.chart(ui.bar(df, "concept", "weight", color="concept", scale=ui.concept_scale(data.k), sort=None, height=300,
-                    title="Concept weights (sum over cells)",
-                    tooltip=["concept", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("share:Q", format=".1%")]))
-    ui.csv_button(df, f"{data.slide_ids()[i]}-tile-{r - start}-weights", key="dl_tile_w")
+    with right:
+        ui.chart(ui.bar(df, "concept", "weight", color="concept", scale=ui.concept_scale(data.k), sort=None,
+                        height=260, title="Concept weights (sum over cells)",
+                        tooltip=["concept", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("share:Q", format=".1%")]))
+        ui.csv_button(df, f"{sid}-tile-{r - start}-weights", key="dl_tile_w")
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
