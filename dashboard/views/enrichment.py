@@ -44,25 +44,29 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         st.warning("Only one diagnosis is in the filter: there is nothing to compare against. "
                    "Widen the diagnosis filter in the sidebar.")
 
-    st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "concept": st.column_config.TextColumn("concept"),
+    # The ranking fits 1,400 px without scrolling: slide counts as "n of N" in one column each; the
+    # other shares are in the CSV and the expander.
+    shown = table.assign(
+        target_count=[f"{a} of {b}" for a, b in zip(table["target_slides_ge"], table["target_slides"])],
+        other_count=[f"{a} of {b}" for a, b in zip(table["other_slides_ge"], table["other_slides"])])
+    st.dataframe(shown, hide_index=True, width="stretch", column_order=[
+        "concept", "log2_enrichment", "cluster_share_in_target", "target_count", "other_count", "top_target_slide",
+        "top_slide_share"], column_config={
+        "concept": st.column_config.TextColumn("concept", width="small"),
         "cluster_share_in_target": st.column_config.ProgressColumn(
-            f"share of concept weight on {target}", format="percent", min_value=0, max_value=1,
+            f"weight on {target}", format="percent", min_value=0, max_value=1,
             help="Part of the concept's total weight that lies on slides of the target diagnosis"),
-        "expected_share": st.column_config.NumberColumn(
-            "expected (all weight)", format="percent", help="The same for all concept weight: no enrichment"),
-        "share_of_target_weight": st.column_config.NumberColumn(f"share of {target} weight", format="percent"),
-        "share_of_other_weight": st.column_config.NumberColumn("share of other weight", format="percent"),
-        "log2_enrichment": st.column_config.NumberColumn("log2 enrichment", format="%.2f"),
-        "target_slides_ge": st.column_config.NumberColumn(f"{target} slides ≥ {pct}%"),
-        "target_slides": st.column_config.NumberColumn(f"{target} slides"),
-        "other_slides_ge": st.column_config.NumberColumn(f"other slides ≥ {pct}%"),
-        "other_slides": st.column_config.NumberColumn("other slides"),
-        "top_target_slide": st.column_config.TextColumn(f"largest {target} slide"),
+        "log2_enrichment": st.column_config.NumberColumn("log2 enrichment", format="%.2f", width="small"),
+        "target_count": st.column_config.TextColumn(f"{target} slides ≥ {pct}%", width="small",
+                                                    help=f"{target} slides where the concept holds ≥ {pct}%"),
+        "other_count": st.column_config.TextColumn(f"other slides ≥ {pct}%", width="small"),
+        "top_target_slide": st.column_config.TextColumn(f"largest {target} slide", width="small"),
         "top_slide_share": st.column_config.ProgressColumn(
-            "its part", format="percent", min_value=0, max_value=1,
+            "its part", format="percent", min_value=0, max_value=1, width="small",
             help=f"Part of the concept's {target} weight that comes from that one slide"),
     })
+    with st.expander("All columns (expected share, shares of target and other weight)"):
+        st.dataframe(table, hide_index=True, width="stretch")
     ui.csv_button(table, f"enrichment-{target}", key="dl_enrich")
     n_target = int(table["target_slides"].iat[0])
     dominated = table[table["top_slide_share"] > DOMINANCE]
@@ -72,31 +76,46 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         parts = [f"{r.concept} ({r.top_slide_share:.0%} from {r.top_target_slide})" for r in dominated.itertuples()]
         st.warning(f"One slide holds most of the {target} weight of: {'; '.join(parts)}. Read these with care.")
 
-    left, right = st.columns(2)
-    with left:
-        ch = alt.Chart(table, title=f"log2 enrichment in {target} (share of {target} weight / share of other weight)"
-                       ).mark_bar().encode(
-            y=alt.Y("concept:N", sort="-x", title=None), x=alt.X("log2_enrichment:Q", title="log2 enrichment"),
-            color=alt.Color("concept:N", scale=ui.concept_scale(data.k), legend=None),
-            tooltip=["concept", alt.Tooltip("log2_enrichment:Q", format=".2f"), "target_slides_ge", "other_slides_ge"],
-        ).properties(height=ui.rows_height(data.k))
-        ui.chart(ch)
+    ch = alt.Chart(table, title=f"log2 enrichment in {target} (share of {target} weight / share of other weight)"
+                   ).mark_bar().encode(
+        y=alt.Y("concept:N", sort="-x", title=None), x=alt.X("log2_enrichment:Q", title="log2 enrichment"),
+        color=alt.Color("concept:N", scale=ui.concept_scale(data.k), legend=None),
+        tooltip=["concept", alt.Tooltip("log2_enrichment:Q", format=".2f"), "target_slides_ge", "other_slides_ge"],
+    ).properties(height=ui.rows_height(data.k))
     long = by_diagnosis(sw, sd, present, min_share=pct / 100, labels=labels)
-    with right:
-        long["label"] = [f"{s:.0%} · {g}/{n}" for s, g, n in
-                         zip(long["share_of_diagnosis_weight"], long["slides_ge"], long["slides"])]
-        base = alt.Chart(long, title=f"Share of each diagnosis' weight · slides with the concept ≥ {pct}%")
-        heat = base.mark_rect().encode(
-            x=alt.X("diagnosis:N", title=None), y=alt.Y("concept:N", sort=labels, title=None),
-            color=alt.Color("share_of_diagnosis_weight:Q", scale=alt.Scale(scheme="greens"), title="share",
-                            legend=alt.Legend(format="%")),
-            tooltip=["concept", "diagnosis", alt.Tooltip("share_of_diagnosis_weight:Q", format=".1%"),
-                     "slides_ge", "slides"])
-        text = base.mark_text(fontSize=14).encode(x="diagnosis:N", y=alt.Y("concept:N", sort=labels), text="label:N")
-        ui.chart((heat + text).properties(height=ui.rows_height(data.k)))
+    heat = _heatmap(long, labels, pct)
+    if len(present) <= 4:  # side by side; with more diagnoses the heatmap takes the full width
+        left, right = st.columns(2)
+        with left:
+            ui.chart(ch)
+        with right:
+            ui.chart(heat)
+    else:
+        ui.chart(ch)
+        ui.chart(heat)
     ui.csv_button(long.drop(columns="label"), "concepts-by-diagnosis", key="dl_bydx")
     st.caption("Open a concept to see its slides:")
     cols = st.columns(min(data.k, 10))
     for j in range(data.k):
         cols[j % len(cols)].button(labels[j], key=f"open_{j}", on_click=state.go,
                                    kwargs={"page": "cluster", "cluster": j + 1}, width="stretch")
+
+
+def _heatmap(long, labels: list[str], pct: int):
+    """Concept x diagnosis: share of the diagnosis' weight (colour, first text line) and slides with the
+    concept >= pct % (second line); names horizontal or slanted, never overlapping."""
+    long["label"] = [f"{s:.0%}\n{g}/{n}" for s, g, n in
+                     zip(long["share_of_diagnosis_weight"], long["slides_ge"], long["slides"])]
+    many = long["diagnosis"].nunique() > 4
+    base = alt.Chart(long, title=f"Share of each diagnosis' weight · slides with the concept ≥ {pct}%")
+    x = alt.X("diagnosis:N", title=None, axis=alt.Axis(labelAngle=-30 if many else 0, labelLimit=220))
+    heat = base.mark_rect().encode(
+        x=x, y=alt.Y("concept:N", sort=labels, title=None),
+        color=alt.Color("share_of_diagnosis_weight:Q", scale=alt.Scale(scheme="greens"), title="share",
+                        legend=alt.Legend(format="%")),
+        tooltip=["concept", "diagnosis", alt.Tooltip("share_of_diagnosis_weight:Q", format=".1%"),
+                 "slides_ge", "slides"])
+    text = base.mark_text(fontSize=15, lineBreak="\n").encode(
+        x="diagnosis:N", y=alt.Y("concept:N", sort=labels), text="label:N",
+        color=alt.condition("datum.share_of_diagnosis_weight > 0.5", alt.value("white"), alt.value("black")))
+    return (heat + text).properties(height=ui.rows_height(len(labels), per=52))

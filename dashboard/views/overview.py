@@ -81,7 +81,9 @@ def _summary(data: AtlasData) -> None:
             "tile / stride (px)": f"{cfg.get('tile_px', '?')} / {cfg.get('stride_px', '?')}",
             "target mpp (µm/px)": cfg.get("target_mpp", ""),
             "projection": cfg.get("projection", ""),
-            "NMF relative error": f"{fit['nmf_relative_error']:.3f}" if "nmf_relative_error" in fit else "",
+            "NMF relative error (all cells)": _nmf_error(data),
+            "NMF fit error (calibration cells)": f"{fit['nmf_relative_error']:.3f}" if "nmf_relative_error" in fit
+            else "",
             "seed": cfg.get("seed", ""),
         }
         st.dataframe(pd.DataFrame({"": list(rows), "value": [str(v) for v in rows.values()]}),
@@ -89,6 +91,15 @@ def _summary(data: AtlasData) -> None:
         st.code(a.get("command_line", ""), language="bash", wrap_lines=True)
         with st.expander("Full configuration"):
             st.json({"config": cfg, "fit": fit}, expanded=False)
+
+
+def _nmf_error(data: AtlasData) -> str:
+    """The atlas's NMF relative error over all cells (the figure the Fidelity page shows too)."""
+    err = data.atlas.group_attrs("clusters").get("relative_error")
+    try:
+        return f"{float(err):.3f}"
+    except (TypeError, ValueError):
+        return ""
 
 
 # -- scatter ------------------------------------------------------------------------------
@@ -164,17 +175,41 @@ def _layers(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_poin
                                      data.kmeans[rows]))
     elif mode == "output":
         pts = pts.assign(output=data.out[rows, output].round(3))
+    elif mode == "slide":
+        pts = pts.assign(slide_colour=slide_colours(pts["slide"]))
     return png, pts, ext, n_shown
+
+
+CATEGORY20 = ["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
+              "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
+              "#17becf", "#9edae5"]
+OTHER_SLIDES = "other slides"
+
+
+def slide_colours(slides: pd.Series) -> np.ndarray:
+    """Colour key per point when colouring by slide: the slide id for the 19 slides with the most drawn
+    points (20 when there are no more), OTHER_SLIDES for the rest, so every colour has a legend entry."""
+    counts = pd.Series(np.asarray(slides, dtype=object)).value_counts(sort=True)
+    keep = counts.index[: 20 if len(counts) <= 20 else 19]
+    vals = np.asarray(slides, dtype=object)
+    return np.where(np.isin(vals, list(keep)), vals, OTHER_SLIDES).astype(object)
+
+
+def slide_colour_names(pts: pd.DataFrame) -> list[str]:
+    """Legend order: the kept slides by number of points, then OTHER_SLIDES when used."""
+    counts = pts["slide_colour"].value_counts(sort=True)
+    names = [n for n in counts.index if n != OTHER_SLIDES]
+    return names + ([OTHER_SLIDES] if OTHER_SLIDES in counts.index else [])
 
 
 def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int):
     x0, x1, y0, y1 = ext
     xs = alt.Scale(domain=[x0, x1], nice=False, zero=False)
     ys = alt.Scale(domain=[y0, y1], nice=False, zero=False)
-    image = alt.Chart(pd.DataFrame({"url": [raster.data_url(png)], "x": [x0], "x2": [x1], "y": [y1], "y2": [y0]})
-                      ).mark_image(aspect=False).encode(
+    # the density image as a constant, not a data field: "Show data" lists points, never base64
+    image = alt.Chart(pd.DataFrame({"x": [x0], "x2": [x1], "y": [y1], "y2": [y0]})).mark_image(aspect=False).encode(
         x=alt.X("x:Q", scale=xs, title="projection 1"), x2="x2:Q",
-        y=alt.Y("y:Q", scale=ys, title="projection 2"), y2="y2:Q", url="url:N")
+        y=alt.Y("y:Q", scale=ys, title="projection 2"), y2="y2:Q", url=alt.value(raster.data_url(png)))
     if mode == "nmf":
         color = alt.Color("concept:N", scale=ui.concept_scale(data.k), title="concept")
     elif mode == "kmeans":
@@ -185,8 +220,10 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
         color = alt.Color("diagnosis:N", title="diagnosis",
                           scale=alt.Scale(domain=data.diagnoses, range=diagnosis_colors(data.diagnoses)))
     elif mode == "slide":
-        color = alt.Color("slide:N", scale=alt.Scale(scheme="category20"),
-                          legend=alt.Legend(title="slide") if data.n_slides <= 20 else None)
+        names = slide_colour_names(pts)
+        color = alt.Color("slide_colour:N", title="slide", scale=alt.Scale(
+            domain=names, range=(CATEGORY20[:len(names) - 1] + ["#bdbdbd"]) if names[-1] == OTHER_SLIDES
+            else CATEGORY20[:len(names)]), legend=alt.Legend(title="slide", columns=1, symbolLimit=len(names)))
     else:
         lo, hi = _output_range(data, output)
         color = alt.Color("output:Q", title=data.output_names[output],
@@ -272,9 +309,10 @@ def _selection(data: AtlasData, diagnoses: list[str], event) -> None:
     by_dx = pd.DataFrame({"diagnosis": data.diagnoses,
                           "tiles": np.bincount(data.tile_diag[rows], minlength=len(data.diagnoses))})
     with c2:
+        # horizontal: every diagnosis name gets its own line, however many there are
         ui.chart(ui.bar(by_dx, "diagnosis", "tiles", color="diagnosis", title="Selected tiles by diagnosis",
                         scale=alt.Scale(domain=data.diagnoses, range=diagnosis_colors(data.diagnoses)),
-                        sort=None, height=300))
+                        sort=None, height=ui.rows_height(len(data.diagnoses), per=30, extra=80), horizontal=True))
     shown = raster.sample_rows(data.permutation(), sel_mask, ui.GALLERY_MAX)
     st.caption(f"Gallery: {len(shown)} of the {len(rows):,} selected tiles (random); caption: slide · concept · "
                f"top model output and its {data.out_label}. CSV = these tiles; the full selection below.")
