@@ -89,11 +89,21 @@ def upscale(img: np.ndarray, width: int) -> np.ndarray:
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
 
 
+def _font(size: int):
+    """(font, has µ): DejaVu Sans Bold when the system has it, else Pillow's built-in font (no µ glyph)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf", size), True
+    except OSError:
+        return ImageFont.load_default(size=size), False
+
+
 def annotate_view(img: np.ndarray, outline: tuple[float, float, float] | None, bar_px: float,
                   bar_label: str) -> np.ndarray:
     """Copy of a viewer image (h, w, 3) with a tile outlined (left, top, side in image px; black inside
     white, visible on any stain) and a scale bar at the bottom centre (the part every screen shows)."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     im = Image.fromarray(img)
     d = ImageDraw.Draw(im)
@@ -102,7 +112,8 @@ def annotate_view(img: np.ndarray, outline: tuple[float, float, float] | None, b
         d.rectangle((u - 3, v - 3, u + side + 2, v + side + 2), outline="white", width=3)
         d.rectangle((u - 1, v - 1, u + side, v + side), outline="black", width=3)
     h, w = img.shape[:2]
-    font = ImageFont.load_default(size=18)
+    font, micro = _font(17)
+    bar_label = bar_label if micro else bar_label.replace("µ", "u")
     x0, y = w / 2 - bar_px / 2, h - 34
     d.rectangle((x0 - 4, y - 4, x0 + bar_px + 4, y + 6), fill="white")
     d.rectangle((x0, y - 1, x0 + bar_px, y + 3), fill="black")
@@ -113,10 +124,11 @@ def annotate_view(img: np.ndarray, outline: tuple[float, float, float] | None, b
 def legend_png(img: np.ndarray, kind: str, payload, title: str) -> bytes:
     """PNG of an image (h, w, 3) with a title and a legend strip under it. kind/payload as the slide page's
     legend: 'chips' [(label, colour)], 'ramp1' (name, colour), 'ramp' (lo, hi, caption)."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     h, w = img.shape[:2]
-    font = ImageFont.load_default(size=16)
+    font, micro = _font(15)
+    title = title if micro else title.replace("µ", "u")
     sheet = Image.new("RGB", (w, h + 64), "white")
     sheet.paste(Image.fromarray(img), (0, 0))
     d = ImageDraw.Draw(sheet)

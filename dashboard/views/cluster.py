@@ -70,7 +70,7 @@ def _metrics(data, k, slide_ok, tile_ok, members) -> None:
     c[0].metric(f"Tiles where {concept_label(k)} dominates", f"{len(members):,}",
                 f"{len(members) / max(1, tile_ok.sum()):.1%} of tiles", delta_color="off", delta_arrow="off")
     c[1].metric("Share of all concept weight", f"{w[:, k].sum() / total:.1%}" if total > 0 else "–")
-    c[2].metric("Slides where it dominates ≥ 1 tile", f"{present} / {n_ok}")
+    c[2].metric("Slides with it", f"{present} / {n_ok}", help="Slides where it dominates at least one tile")
     c[3].metric("Prototypes", int((data.protos.get("cluster", np.zeros(0)) == k).sum()))
 
 
@@ -87,9 +87,11 @@ def _fidelity(data, k) -> None:
     name = rep["output"]["name"]
     label = concept_label(k)
     c = st.columns(4)
-    c[0].metric(f"Effect on {name} (coefficient)", fmt(row["coef"], "+.4g"), direction(row["coef"]),
+    # short label and delta: a 1,280-px screen gives each metric ~190 px; the sentence is in the help
+    c[0].metric(f"Coefficient, {name}", fmt(row["coef"], "+.4g"),
+                "▲ up" if row["coef"] > 0 else "▼ down" if row["coef"] < 0 else None,
                 delta_color="off", delta_arrow="off",
-                help=f"Change of the {name} {rep.get('target', 'logit')} per unit of {label}'s weight in a tile, other concepts held equal "
+                help=f"{direction(row['coef'])}. Change of the {name} {rep.get('target', 'logit')} per unit of {label}'s weight in a tile, other concepts held equal "
                      "(linear regression over all tiles of the atlas).")
     c[1].metric("Effect per SD", fmt(row["effect_sd"], "+.3f"),
                 help=f"The coefficient times the usual spread (standard deviation) of {label}'s weight over tiles.")
@@ -103,7 +105,7 @@ def _fidelity(data, k) -> None:
     else:
         c[2].caption(f"{NOT_COMPUTED_CAM}.")
     source = "computed now from the tiles" if rep["source"] == "computed" else "stored by the run"
-    cols = st.columns([5, 1])
+    cols = st.columns([4, 1.4])
     cols[0].caption(f"Fidelity ({source}; whole atlas, not filtered): the concepts explain {name} with R² "
                     f"{fmt(rep['regression']['r2'])} in-sample, {fmt(rep['regression']['r2_cv'])} cross-validated.")
     cols[1].button("Fidelity page", key="open_fidelity", on_click=state.go, kwargs={"page": "fidelity"},
