@@ -200,6 +200,7 @@ def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
                 res[label] = time.perf_counter() - t0
                 if label.endswith("cold_s"):
                     page.close()
+            res["first_render_other_pages_s"] = _page_loads(context, url)
             for name, (action, done) in _interactions(page).items():
                 try:
                     times = [_timed(page, action, done) for _ in range(repeats if name.startswith("brush") else 1)]
@@ -213,6 +214,36 @@ def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+PAGES = {"cluster": "text=Concept drill-down", "slides": "text=Soft map of every concept, and the model output",
+         "enrichment": "text=log2 enrichment", "fidelity": "text=How to read this page"}
+
+
+def _page_loads(context, url: str) -> dict:
+    """First render of each other page in a new tab (the server has read the atlas; the page's own caches
+    are cold): what a link to that page costs."""
+    out = {}
+    for name, done in PAGES.items():
+        page = context.new_page()
+        t0 = time.perf_counter()
+        page.goto(f"{url}/?page={name}")
+        page.wait_for_selector(done, timeout=120_000)
+        _idle(page, 120_000)
+        out[name] = round(time.perf_counter() - t0, 3)
+        page.close()
+    return out
+
+
+def _view_change(page, action):
+    """An action on the slide viewer; done when the URL's view= differs from before."""
+    def act():
+        old = page.evaluate("() => (location.search.match(/view=([^&]*)/) || [])[1] || ''")
+        t0 = action() or time.perf_counter()
+        page.wait_for_function(f"() => (location.search.match(/view=([^&]*)/) || [])[1] !== {old!r}",
+                               timeout=60_000)
+        return t0
+    return act
 
 
 def _interactions(page) -> dict:
@@ -242,6 +273,27 @@ def _interactions(page) -> dict:
         box = chart.bounding_box()
         page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45)
 
+    def button(label: str):
+        def act():
+            b = page.get_by_role("button", name=label, exact=True)
+            b.scroll_into_view_if_needed()
+            t0 = time.perf_counter()
+            b.click()
+            return t0
+        return act
+
+    def drag_box():
+        chart = page.locator('[data-testid="stVegaLiteChart"]').first
+        box = chart.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 60, cy - 45)
+        page.mouse.down()
+        page.mouse.move(cx + 60, cy + 45, steps=6)
+        t0 = time.perf_counter()
+        page.mouse.up()
+        return t0
+
+    viewer = "text=1 screen px ="
     return {
         "brush_select_and_gallery": (brush, "text=Selection:"),
         "colour_by_diagnosis": (select("Colour by", "Diagnosis"), "url:color=diagnosis"),
@@ -250,6 +302,11 @@ def _interactions(page) -> dict:
         "open_slides_page": (radio("Slides"), "text=Soft map of every concept, and the model output"),
         "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept, and the model output"),
         "click_tile": (click_tile, "text=Top outputs:"),
+        "viewer_zoom_in": (_view_change(page, button("Zoom in")), viewer),
+        "viewer_drag_box_zoom": (_view_change(page, drag_box), viewer),
+        "viewer_full_resolution": (_view_change(page, button("Full resolution")), viewer),
+        "viewer_pan": (_view_change(page, button("→")), viewer),
+        "viewer_whole_slide": (_view_change(page, button("Whole slide")), viewer),
         "open_enrichment_page": (radio("Diagnosis enrichment"), "text=log2 enrichment"),
         "back_to_overview": (radio("Overview"), "text=Density image:"),
     }
