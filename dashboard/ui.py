@@ -137,14 +137,18 @@ def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
     return per * max(n, 1) + extra
 
 
+def styled(ch: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """The app's chart style: type large and dark enough for a projector."""
+    return ch.configure_axis(labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR,
+                             labelLimit=320).configure_legend(
+        labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR, symbolSize=160,
+        labelLimit=320).configure_title(fontSize=17, anchor="start", color=AXIS_COLOR, limit=0)
+
+
 def chart(ch: alt.TopLevelMixin, **kwargs):
     """st.altair_chart with the app's defaults: full width, type large enough for a projector."""
     kwargs.setdefault("width", "stretch")
-    ch = ch.configure_axis(labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR,
-                           labelLimit=320).configure_legend(
-        labelFontSize=16, titleFontSize=16, labelColor=AXIS_COLOR, titleColor=AXIS_COLOR, symbolSize=160,
-        labelLimit=320).configure_title(fontSize=17, anchor="start", color=AXIS_COLOR, limit=0)
-    return st.altair_chart(ch, **kwargs)
+    return st.altair_chart(styled(ch), **kwargs)
 
 
 def bar(df: pd.DataFrame, x: str, y: str, *, color: str | None = None, scale: alt.Scale | None = None,

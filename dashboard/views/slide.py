@@ -187,9 +187,9 @@ def _viewer(data: AtlasData, i: int, sid: str, layer: str, concept: int, output:
     mpp = float(row["mpp"]) if np.isfinite(row["mpp"]) else None
     key = f"viewer|{sid}|{view.param()}|{tile}"
     shown = _annotate(data, i, view, img, tile, mpp)
-    ui.chart(_viewer_chart(data, i, view, overlay.encode(shown, quality=80)),
-             on_select=lambda: _on_chart(key, sid, w, h, (start, start + n)), selection_mode=["tile_pick", "zoom"],
-             key=key)
+    tiles, spec = _viewer_spec(data, i, view, overlay.encode(shown, quality=80))
+    st.vega_lite_chart(tiles, spec, width="stretch", on_select=lambda: _on_chart(key, sid, w, h, (start, start + n)),
+                       selection_mode=["tile_pick", "zoom"], key=key)
     kind, level, ds = pix.source(view)
     where = (f"original slide via {pix.slide.backend} (level {level}, {ds:g} level-0 px per px)" if kind == "slide"
              else "the thumbnail stored in the atlas")
@@ -267,20 +267,12 @@ def _view_image(key: str, i: int, layer: str, concept: int, output: int, opacity
     return overlay.blend(base, vp.sample_grid(grid, rows, cols), opacity / 100.0)
 
 
-def _viewer_chart(data: AtlasData, i: int, view: vp.View, jpeg: bytes):
-    """The view's image (with outline and scale bar drawn in) under clickable tiles; x and y follow the
-    chart's size (Vega `width` / `height` signals), so the image is never stretched. Two layers only:
-    Altair's validation and Vega's compile time grow with the layers."""
+def _viewer_spec(data: AtlasData, i: int, view: vp.View, jpeg: bytes) -> tuple[pd.DataFrame, dict]:
+    """(tiles table, Vega-Lite spec): the view's image (outline and scale bar drawn in) under clickable
+    tiles. x and y follow the chart's size (Vega `width` / `height` signals), so the image is never
+    stretched. A plain spec, not Altair: Altair's schema validation took longer than the rest of a view
+    change. The image is a constant, not a data field, so "Show data" lists tiles, never base64."""
     x0, y0, x1, y1 = view.box()
-    xs = alt.Scale(domain=alt.ExprRef(f"[{view.cx} - width * {view.s} / 2, {view.cx} + width * {view.s} / 2]"),
-                   nice=False, zero=False)
-    ys = alt.Scale(domain=alt.ExprRef(f"[{view.cy} - height * {view.s} / 2, {view.cy} + height * {view.s} / 2]"),
-                   nice=False, zero=False, reverse=True)
-    # the image as a constant (not a data field): nothing base64 in the chart's data or "Show data"
-    image = alt.Chart(pd.DataFrame({"x": [x0], "x2": [x1], "y": [y0], "y2": [y1]})).mark_image(
-        aspect=False, clip=True).encode(x=alt.X("x:Q", scale=xs, axis=None), x2="x2:Q",
-                                        y=alt.Y("y:Q", scale=ys, axis=None), y2="y2:Q",
-                                        url=alt.value(raster.data_url(jpeg, "image/jpeg")))
     row = data.slides.iloc[i]
     start, n, t = int(row["tile_start"]), int(row["n_tiles"]), float(row["tile_l0"])
     rows = np.arange(start, start + n)
@@ -289,15 +281,30 @@ def _viewer_chart(data: AtlasData, i: int, view: vp.View, jpeg: bytes):
     tiles = pd.DataFrame({"row": rows, "x": data.x[rows], "y": data.y[rows], "x2": data.x[rows] + t,
                           "y2": data.y[rows] + t, "concept": [concept_label(c) for c in data.nmf[rows]],
                           "top output": np.array(data.output_names, dtype=object)[data.top[rows]],
-                          "value": data.out[rows, data.top[rows]]})
-    pick = alt.selection_point(name="tile_pick", fields=["row"], on="click", clear=False)
-    zoom = alt.selection_interval(name="zoom", encodings=["x", "y"], clear="dblclick")
-    rects = alt.Chart(tiles).mark_rect(fill="white", fillOpacity=0.01, strokeOpacity=0, clip=True).encode(
-        x=alt.X("x:Q", scale=xs), x2="x2:Q", y=alt.Y("y:Q", scale=ys), y2="y2:Q",
-        tooltip=["concept", "top output", alt.Tooltip("value:Q", title=data.out_label, format=".2f"),
-                 alt.Tooltip("x:Q", title="x (level-0 px)"), alt.Tooltip("y:Q", title="y (level-0 px)")],
-    ).add_params(pick, zoom)
-    return alt.layer(image, rects).properties(height=vp.VIEW_H, padding=0).configure_view(stroke=None)
+                          "value": data.out[rows, data.top[rows]].round(3)})
+
+    def scale(c: float, size: str) -> dict:
+        return {"domain": {"expr": f"[{c} - {size} * {view.s} / 2, {c} + {size} * {view.s} / 2]"}, "nice": False,
+                "zero": False, **({"reverse": True} if size == "height" else {})}
+
+    def q(field: str, size: str | None = None, **extra) -> dict:
+        return {"field": field, "type": "quantitative", **({"scale": scale(view.cx if size == "width" else view.cy,
+                                                                           size)} if size else {}), **extra}
+    pos = {"x": q("x", "width", axis=None), "x2": {"field": "x2"}, "y": q("y", "height", axis=None),
+           "y2": {"field": "y2"}}
+    spec = {"height": vp.VIEW_H, "padding": 0, "config": {"view": {"stroke": None}}, "layer": [
+        {"data": {"values": [{"x": x0, "x2": x1, "y": y0, "y2": y1}]},
+         "mark": {"type": "image", "aspect": False, "clip": True},
+         "encoding": {**pos, "url": {"value": raster.data_url(jpeg, "image/jpeg")}}},
+        {"mark": {"type": "rect", "fill": "white", "fillOpacity": 0.01, "strokeOpacity": 0, "clip": True},
+         "params": [{"name": "tile_pick", "select": {"type": "point", "fields": ["row"], "on": "click", "clear": False}},
+                    {"name": "zoom", "select": {"type": "interval", "encodings": ["x", "y"], "clear": "dblclick"}}],
+         "encoding": {**pos, "tooltip": [
+             {"field": "concept", "type": "nominal"}, {"field": "top output", "type": "nominal"},
+             {"field": "value", "type": "quantitative", "title": data.out_label, "format": ".2f"},
+             {"field": "x", "type": "quantitative", "title": "x (level-0 px)"},
+             {"field": "y", "type": "quantitative", "title": "y (level-0 px)"}]}}]}
+    return tiles, spec
 
 
 def _annotate(data: AtlasData, i: int, view: vp.View, img: np.ndarray, tile: int | None, mpp: float | None) -> np.ndarray:
@@ -369,14 +376,24 @@ def _tile_panel(data: AtlasData, i: int, sid: str) -> None:
                                                 for j in top))
     with mid:
         st.image(data.thumbnails([r])[0], caption=ui.tile_captions(data, [r])[0], width=200)
-    w = data.weights[r]
-    df = pd.DataFrame({"concept": [concept_label(j) for j in range(data.k)], "weight": w,
-                       "share": w / max(w.sum(), 1e-12)})
     with right:
-        ui.chart(ui.bar(df, "concept", "weight", color="concept", scale=ui.concept_scale(data.k), sort=None,
-                        height=260, title="Concept weights (sum over cells)",
-                        tooltip=["concept", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("share:Q", format=".1%")]))
-        ui.csv_button(df, f"{sid}-tile-{r - start}-weights", key="dl_tile_w")
+        st.vega_lite_chart(spec=_weights_spec(data.key, r, tuple(concept_label(j) for j in range(data.k)), data),
+                           width="stretch")
+        w = data.weights[r]
+        ui.csv_button(pd.DataFrame({"concept": [concept_label(j) for j in range(data.k)], "weight": w,
+                                    "share": w / max(w.sum(), 1e-12)}), f"{sid}-tile-{r - start}-weights",
+                      key="dl_tile_w")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _weights_spec(key: str, r: int, labels: tuple[str, ...], _data: AtlasData) -> dict:
+    """Vega-Lite spec of tile r's concept-weight bars, validated once per tile (the viewer reruns often)."""
+    w = _data.weights[r]
+    df = pd.DataFrame({"concept": list(labels), "weight": w, "share": w / max(w.sum(), 1e-12)})
+    ch = ui.bar(df, "concept", "weight", color="concept", scale=ui.concept_scale(_data.k), sort=None, height=260,
+                title="Concept weights (sum over cells)",
+                tooltip=["concept", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("share:Q", format=".1%")])
+    return ui.styled(ch).to_dict()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
