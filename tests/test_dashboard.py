@@ -164,7 +164,7 @@ def test_diagnosis_filter_applies_to_every_view(dash_atlas, atlas_info, monkeypa
     at = open_app(dash_atlas, monkeypatch, dx="malignant", page="slides")
     assert set(at.selectbox(key="url_slide").options) == {f"{s['slide_id'][i]} — malignant" for i in malignant}
     at = open_app(dash_atlas, monkeypatch, dx="malignant", page="cluster")
-    metric = next(m for m in at.metric if m.label.startswith("Slides where"))
+    metric = next(m for m in at.metric if m.label.startswith("Slides with it"))
     assert metric.value.endswith(f"/ {len(malignant)}")
     at = open_app(dash_atlas, monkeypatch, dx="malignant", page="enrichment")
     assert any("nothing to compare against" in w.value for w in at.warning)

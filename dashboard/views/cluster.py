@@ -86,12 +86,10 @@ def _fidelity(data, k) -> None:
     row = rep["clusters"][k]
     name = rep["output"]["name"]
     label = concept_label(k)
-    c = st.columns(4)
-    # short label and delta: a 1,280-px screen gives each metric ~190 px; the sentence is in the help
-    c[0].metric(f"Coefficient, {name}", fmt(row["coef"], "+.4g"),
-                "▲ up" if row["coef"] > 0 else "▼ down" if row["coef"] < 0 else None,
+    c = st.columns([1.5, 1, 1.2, 1.2])  # the first label and its delta need ~240 px (no cut at 1,280 px)
+    c[0].metric(f"Effect on {name} (coefficient)", fmt(row["coef"], "+.4g"), direction(row["coef"]),
                 delta_color="off", delta_arrow="off",
-                help=f"{direction(row['coef'])}. Change of the {name} {rep.get('target', 'logit')} per unit of {label}'s weight in a tile, other concepts held equal "
+                help=f"Change of the {name} {rep.get('target', 'logit')} per unit of {label}'s weight in a tile, other concepts held equal "
                      "(linear regression over all tiles of the atlas).")
     c[1].metric("Effect per SD", fmt(row["effect_sd"], "+.3f"),
                 help=f"The coefficient times the usual spread (standard deviation) of {label}'s weight over tiles.")
