@@ -189,8 +189,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
                     log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
                     return summary
                 if vmin < 0:
-                    say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by a low "
-                        "percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
+                    say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by "
+                        "a low percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
                 say(f"fitting NMF (K={cfg.k}) on {len(V)} cells x {V.shape[1]} channels")
                 concepts, fit_facts = fit_concepts(V, cfg.k, cfg.seed, cfg.nmf_max_iter,
                                                    None if cfg.device == "auto" else cfg.device)
