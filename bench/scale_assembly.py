@@ -8,6 +8,8 @@ version) both run on the same parts and the atlases are compared: every tile col
 where they differ the adjusted Rand index of the k-means labels and the correlation of the projections.
 
     python bench/scale_assembly.py --tiles 1000000 --dims 64 --work bench/out/asm-1e6 --baseline /tmp/lumen-old
+    python bench/scale_assembly.py --tiles 10000000 --work bench/out/asm-1e7 --link-from bench/out/asm-1e6 \
+        --baseline /tmp/lumen-old      # 1,000 slides: the 100 slides of asm-1e6, ten times each
 """
 
 from __future__ import annotations
@@ -84,6 +86,30 @@ def make_parts(work: Path, tiles: int, per_slide: int, dims: int, k: int, seed: 
     ready.write_text(json.dumps(spec))
 
 
+def link_parts(work: Path, source: Path, tiles: int) -> None:
+    """`tiles` tiles of parts as hard links to the slides of an existing parts folder, repeated in turn
+    (same content per slide, but every part a file of its own that the assembly reads)."""
+    from precompute.parts import part_name
+
+    spec = json.loads((source / "READY").read_text())
+    spec_here = {**spec, "tiles": tiles, "linked_from": str(source)}
+    ready = work / "READY"
+    if ready.exists() and json.loads(ready.read_text()) == spec_here:
+        return
+    src = sorted((source / "atlas.h5.parts" / "slides").glob("*.h5"))
+    slides = work / "atlas.h5.parts" / "slides"
+    slides.mkdir(parents=True, exist_ok=True)
+    rows = ["slide_id,path,diagnosis"]
+    for s in range(-(-tiles // spec["per_slide"])):
+        dest = slides / part_name(s, f"s{s}")
+        dest.unlink(missing_ok=True)
+        os.link(src[s % len(src)], dest)
+        rows.append(f"s{s},s{s}.svs,{'tumour' if s % 2 else 'normal'}")
+    (work / "H.npy").write_bytes((source / "H.npy").read_bytes())
+    (work / "manifest.csv").write_text("\n".join(rows) + "\n")
+    ready.write_text(json.dumps(spec_here))
+
+
 def assemble(work: Path, out: Path, k: int) -> dict:
     """Build the atlas from work/ with whatever `precompute` is first on sys.path; time and VmHWM."""
     from precompute.activations import Concepts
@@ -147,6 +173,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--baseline", type=Path, default=None, help="checkout of the version to compare with")
     ap.add_argument("--keep-atlases", action="store_true")
+    ap.add_argument("--no-compare", action="store_true", help="skip reading both atlases back to compare them")
+    ap.add_argument("--link-from", type=Path, default=None, help="a --work folder of fewer tiles whose slides are "
+                    "repeated (hard links) to reach --tiles, instead of generating new ones")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
@@ -155,7 +184,10 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
-    make_parts(a.work, a.tiles, a.tiles_per_slide, a.dims, a.k)
+    if a.link_from is not None:
+        link_parts(a.work, a.link_from, a.tiles)
+    else:
+        make_parts(a.work, a.tiles, a.tiles_per_slide, a.dims, a.k)
     print(f"parts: {a.tiles} tiles x {a.dims} dims in {a.work} ({time.perf_counter() - t0:.0f} s incl. cache check); "
           f"cpus {os.cpu_count()}", flush=True)
     runs = {}
@@ -170,7 +202,8 @@ def main() -> None:
     if "baseline" in runs:
         b, t = runs["baseline"], runs["this"]
         print(f"ratio this/baseline: time {t['seconds'] / b['seconds']:.2f}, peak {t['peak_bytes'] / b['peak_bytes']:.2f}")
-        print("agreement:", json.dumps(compare(a.work / "atlas-baseline.h5", a.work / "atlas-this.h5")))
+        if not a.no_compare:
+            print("agreement:", json.dumps(compare(a.work / "atlas-baseline.h5", a.work / "atlas-this.h5")))
     if not a.keep_atlases:
         for name in runs:
             (a.work / f"atlas-{name}.h5").unlink(missing_ok=True)
