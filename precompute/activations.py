@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .cells import CellLayout, detect_layout, to_grid
 from .fidelity import choose_output
 from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
@@ -90,8 +91,11 @@ class LayerProbe:
     """Forward hook on one module. Per call it leaves its reductions in `self.out` (device tensors)."""
 
     def __init__(self, module: torch.nn.Module, *, relu: bool, concepts: Concepts | None,
-                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 30):
+                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 30,
+                 model: torch.nn.Module | None = None):
         self.relu = relu
+        self.model = model  # the whole network: how many class/register tokens a ViT layer carries
+        self.layout: CellLayout | None = None  # set from the first output seen
         self.calib_cells = calib_cells
         self.nnls_iter = nnls_iter
         self.cell_index: torch.Tensor | None = None  # (B, m) cells to sample, set before each calibration batch
@@ -114,10 +118,8 @@ class LayerProbe:
         if not self.enabled:
             return None
         a = output[0] if isinstance(output, (tuple, list)) else output
-        if a.ndim != 4:
-            raise ValueError(f"the hooked layer gives a {a.ndim}-d output {tuple(a.shape)}; choose a "
-                             "convolutional layer with (N, C, h, w) output (see "
-                             "`python -m precompute layers --model MODEL`).")
+        if self.layout is None:
+            self.layout = detect_layout(tuple(a.shape), self.model or module)
         replaced = None
         if self.want_grad:
             # GradCAM: the rest of the network is run from a fresh leaf so autograd records only the
@@ -128,7 +130,7 @@ class LayerProbe:
             replaced = passed_on if not isinstance(output, (tuple, list)) else \
                 type(output)([passed_on, *output[1:]])
             a = self.grad_ref.detach()
-        a = a.float()
+        a = to_grid(a, self.layout).float()  # (B, C, h, w) whatever the layer's own layout
         if self.relu:
             a = torch.relu(a)
         b, c, h, w = a.shape
@@ -154,7 +156,13 @@ class LayerProbe:
 
 
 def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int) -> tuple[int, int, int]:
-    """(C, h, w) of the layer's output for one input tile, from a CPU dry run on zeros."""
+    """(C, h, w) cells of the layer's output for one input tile (see cells.py), from a CPU dry run."""
+    layout = cell_layout(model, layer, input_px)[0]
+    return layout.channels, layout.h, layout.w
+
+
+def cell_layout(model: torch.nn.Module, layer: torch.nn.Module, input_px: int) -> tuple[CellLayout, tuple]:
+    """How the layer's output maps onto cells, and its raw shape (batch first), from a CPU dry run on zeros."""
     shapes = []
 
     def grab(_m, _i, o):
@@ -168,17 +176,41 @@ def layer_geometry(model: torch.nn.Module, layer: torch.nn.Module, input_px: int
             model(torch.zeros(1, 3, input_px, input_px))
     finally:
         handle.remove()
-    if not shapes or len(shapes[0]) != 4:
-        raise ValueError(f"the layer's output is {shapes[0] if shapes else 'never produced'}; "
-                         "choose a layer with a (N, C, h, w) output (see "
-                         "`python -m precompute layers --model MODEL`).")
-    return shapes[0][1], shapes[0][2], shapes[0][3]
+    if not shapes:
+        raise ValueError("the hooked layer never ran in a forward pass; choose another layer "
+                         "(see `python -m precompute layers --model MODEL`).")
+    return detect_layout(shapes[0], model), shapes[0]
 
 
 def output_count(model: torch.nn.Module, input_px: int) -> int:
     """Number of model outputs (columns of _outputs_2d) for one tile, from a CPU dry run."""
+    return int(dry_outputs(model, input_px).shape[1])
+
+
+def dry_outputs(model: torch.nn.Module, input_px: int) -> torch.Tensor:
+    """(2, O) outputs for a mid-grey tile and a seeded noise tile (CPU), e.g. to spot probabilities."""
+    x = torch.stack([torch.zeros(3, input_px, input_px),
+                     torch.randn(3, input_px, input_px, generator=torch.Generator().manual_seed(0))])
     with torch.inference_mode():
-        return int(_outputs_2d(model(torch.zeros(1, 3, input_px, input_px))).shape[1])
+        return _outputs_2d(model(x))
+
+
+def choose_output_activation(requested: str, model_default: str | None, dry: torch.Tensor) -> tuple[str, str]:
+    """(activation, note) for the run: the user's choice, else the model's own (ModelSpec.output_activation,
+    e.g. 'none' for a headless feature extractor), else 'none' when the dry-run outputs `dry` (B, O) are
+    already probabilities (softmax inside the model); 'auto' otherwise. The note says what was noticed."""
+    probs = looks_like_probabilities(dry)
+    if requested != "auto":
+        note = ("the model's outputs already look like probabilities (non-negative, rows sum to 1); "
+                f"--output-activation {requested} applies {requested} to them again. Pass --output-activation "
+                "none if the model applies softmax itself.") if probs and requested != "none" else ""
+        return requested, note
+    if model_default:
+        return model_default, ""
+    if probs:
+        return "none", ("the model's outputs already look like probabilities (non-negative, rows sum to 1: "
+                        "softmax inside the model), so they are stored as they are (--output-activation none).")
+    return "auto", ""
 
 
 def resolve_output(wanted: str | None, names: list[str], n_outputs: int) -> tuple[int | None, str]:
@@ -195,19 +227,40 @@ def resolve_output(wanted: str | None, names: list[str], n_outputs: int) -> tupl
     return None, ""
 
 
-def _outputs_2d(y) -> torch.Tensor:
-    """Model output as (B, O) float32: first element of tuples, 'logits' or first value of dicts,
-    spatial outputs averaged."""
+def _logits_tensor(y):
+    """The logits in a model's output: the tensor itself; a dict's 'logits' key, else its first tensor
+    value; an object's `.logits` attribute (e.g. Hugging Face outputs); a tuple's or list's first tensor."""
+    if isinstance(y, torch.Tensor):
+        return y
     if isinstance(y, dict):
-        y = y.get("logits", next(iter(y.values())))
+        if isinstance(y.get("logits"), torch.Tensor):
+            return y["logits"]
+        y = list(y.values())
+    elif isinstance(getattr(y, "logits", None), torch.Tensor):
+        return y.logits
     if isinstance(y, (tuple, list)):
-        y = y[0]
-    y = y.float()
+        found = next((v for v in y if isinstance(v, torch.Tensor)), None)
+        if found is not None:
+            return found
+    raise ValueError(f"the model returned {type(y).__name__} without a tensor of outputs; return the logits "
+                     "as a tensor, a tuple whose first tensor they are, a dict with a 'logits' key, or an "
+                     "object with a .logits attribute.")
+
+
+def _outputs_2d(y) -> torch.Tensor:
+    """Model output (see _logits_tensor) as (B, O) float32; spatial outputs averaged."""
+    y = _logits_tensor(y).float()
     if y.ndim == 1:
         y = y[:, None]
     if y.ndim > 2:
         y = y.flatten(2).mean(dim=2)
     return y
+
+
+def looks_like_probabilities(y: torch.Tensor) -> bool:
+    """True when (B, O) outputs with O > 1 are already probabilities: non-negative rows summing to 1."""
+    y = y.float()
+    return y.shape[1] > 1 and bool((y >= 0).all()) and bool(torch.allclose(y.sum(dim=1), torch.ones(1), atol=1e-3))
 
 
 class Engine:
@@ -227,7 +280,8 @@ class Engine:
         # Inputs go in the model's own (contiguous NCHW) layout. channels_last is faster on CUDA, but only
         # used after a dry run on the first real batch shows identical outputs (prefer_channels_last).
         self.channels_last: bool | None = None if device.type == "cuda" else False
-        self.probe = LayerProbe(layer, relu=relu, concepts=concepts, device=device, calib_cells=calib_cells)
+        self.probe = LayerProbe(layer, relu=relu, concepts=concepts, device=device, calib_cells=calib_cells,
+                                model=self.model)
         self.calib_cells = calib_cells
         self.output_activation = output_activation
 
@@ -240,7 +294,8 @@ class Engine:
         a = self.probe.grad_ref
         y = target_torch(logits, self.gradcam_output, self.gradcam_target, self.output_activation)
         (grad,) = torch.autograd.grad(y.sum(), a)
-        act = a.detach().float()
+        # Gradient and activations on the cell grid (patch tokens only for a ViT layer): (B, C, h, w).
+        grad, act = to_grid(grad, self.probe.layout), to_grid(a.detach(), self.probe.layout).float()
         if self.relu:
             act = torch.relu(act)
         alpha = grad.float().mean(dim=(2, 3), keepdim=True)

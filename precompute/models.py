@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 BUILTIN_MODELS = ("capricorn-crc",)
+TIMM_PREFIX = "timm:"  # --arch timm:NAME builds the checkpoint's network with timm.create_model(NAME)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIP_PREFIXES = ("module.", "model.")
 # DenseNet.forward: out = F.relu(self.features(x)); features ends with norm5, so both names see it.
@@ -63,6 +64,8 @@ class ModelSpec:
     the network itself passes through a functional ReLU (not a module, so no hook sees it); Lumen applies
     ReLU to the captured activations of those layers only (torchvision DenseNet calls F.relu on the
     output of `features`, i.e. of features.norm5, in forward()). Any other layer is taken as it is.
+    output_activation: how outputs become probabilities when the user does not say (None: softmax, or
+    sigmoid for one output; 'none' for outputs that are probabilities or features already).
     """
 
     name: str
@@ -73,6 +76,7 @@ class ModelSpec:
     class_names: tuple[str, ...] | None = None
     default_layer: str | None = None
     relu_after: tuple[str, ...] = ()
+    output_activation: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise types here so a spec built from CLI lists or JSON compares and hashes like any other.
@@ -205,9 +209,14 @@ def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None
         example = ", ".join(repr(k) for k in list(state)[:3])
         raise ModelError(
             f"{path} holds a state_dict ({len(state)} tensors, e.g. {example}) but no architecture. "
-            "Pass arch=... (--arch), the torchvision architecture it was trained with, e.g. resnet50.")
-    net, default_layer, relu = _build_from_state_dict(path, state, arch, num_classes)
-    spec = ModelSpec(name=f"{arch}:{path.name}", default_layer=default_layer, relu_after=relu)
+            "Pass arch=... (--arch), the architecture it was trained with: a torchvision name (e.g. resnet50) or timm:NAME (e.g. timm:vit_large_patch16_224).")
+    if arch.startswith(TIMM_PREFIX):
+        from .timm_models import build_timm  # lazy: timm is only needed for timm checkpoints
+
+        net, spec = build_timm(path, state, arch, num_classes)
+    else:
+        net, default_layer, relu = _build_from_state_dict(path, state, arch, num_classes)
+        spec = ModelSpec(name=f"{arch}:{path.name}", default_layer=default_layer, relu_after=relu)
     return LoadedModel(net, spec, model, sha256_file(path), "state_dict")
 
 
@@ -261,6 +270,10 @@ def _torchvision_archs() -> list[str]:
 
 
 def _check_arch(arch: str) -> None:
+    if arch.startswith(TIMM_PREFIX):
+        from .timm_models import check_timm_arch
+
+        return check_timm_arch(arch)
     names = _torchvision_archs()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
@@ -318,12 +331,39 @@ def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str
         hits = [v for k, v in state.items() if _strip_wrappers(k) == head and v.ndim == 2]
         if len(hits) == 1:
             num_classes = int(hits[0].shape[0])
-    net = _build(arch, **({"num_classes": num_classes} if num_classes is not None else {}))
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    net = build_and_load(lambda: _build(arch, **kwargs), path, state,
+                         f"torchvision {arch} (num_classes={num_classes or 'default'})")
+    return net, *_arch_defaults(arch, net)
+
+
+def build_and_load(make, path: Path, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """make() the network and load `state` strictly. The network is first built on the meta device and
+    the checkpoint's tensors assigned to it, which skips the random initialisation (seconds for a
+    ViT-L); a network that keeps tensors outside its state_dict is built normally instead."""
+    try:
+        with torch.device("meta"):
+            net = make()
+    except Exception:  # some constructors compute on their tensors; build those for real
+        net = None
+    if net is not None:
+        load_strict(path, net, state, what, assign=True)
+        if not any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+            return net
+    net = make()
+    load_strict(path, net, state, what)
+    return net
+
+
+def load_strict(path: Path, net: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                assign: bool = False) -> None:
+    """Load `state` into `net` strictly (after stripping wrapper prefixes); ModelError listing the
+    wrong-shape, missing and unexpected keys when it does not fit. `what` names the architecture."""
     expected = net.state_dict()
     state = _match_prefixes(state, set(expected))
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs {arch} {tuple(v.shape)}"
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         parts = []
@@ -332,11 +372,12 @@ def _build_from_state_dict(path: Path, state: dict[str, torch.Tensor], arch: str
                 more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
                 parts.append(f"{len(items)} {label}: {'; '.join(items[:4])}{more}")
         raise ModelError(
-            f"{path} does not fit torchvision {arch} (num_classes={num_classes or 'default'}): " + " | ".join(parts)
+            f"{path} does not fit {what}: " + " | ".join(parts)
             + ". Check that --arch is the architecture the checkpoint was trained with (the number of classes is taken "
             "from the checkpoint's last layer).")
-    net.load_state_dict(state, strict=True)
-    return net, *_arch_defaults(arch, net)
+    if assign:  # the network takes the file's tensors: give them the network's own dtypes
+        state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}
+    net.load_state_dict(state, strict=True, assign=assign)
 
 
 def _arch_defaults(arch: str, net: torch.nn.Module) -> tuple[str | None, tuple[str, ...]]:

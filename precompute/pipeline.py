@@ -20,7 +20,8 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .activations import Concepts, compute_signature, layer_geometry, output_count, pick_device, resolve_output
+from .activations import (Concepts, cell_layout, choose_output_activation, compute_signature, dry_outputs,
+                          pick_device, resolve_output)
 from .assemble import build_atlas
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
@@ -72,6 +73,11 @@ def work_dir(out: Path) -> Path:
 
 def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
     """Tiles must map onto whole cells so overlapping tiles stitch onto one slide grid."""
+    if cfg.k > layer.channels:
+        raise ConfigError(f"--k {cfg.k} is more concepts than the layer has channels ({layer.channels}); "
+                          f"use --k {layer.channels} or less, or hook a wider layer.")
+    if cfg.stride_px == cfg.tile_px and not cfg.edge_cells:
+        return  # side by side tiles: a tile is h x w cells even when the cell is not a whole number of px
     if cfg.tile_px % layer.h or cfg.tile_px % layer.w:
         raise ConfigError(f"--tile-px {cfg.tile_px} is not a multiple of the layer's {layer.h} x {layer.w} "
                           "cell grid; pick a tile size the network divides evenly (e.g. 224 or 256).")
@@ -79,9 +85,6 @@ def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
     if cfg.stride_px % cell:
         raise ConfigError(f"--stride-px {cfg.stride_px} is not a multiple of the cell size ({cell} px at this "
                           f"layer); use a multiple such as {max(cell, (cfg.stride_px // cell) * cell)}.")
-    if cfg.k > layer.channels:
-        raise ConfigError(f"--k {cfg.k} is more concepts than the layer has channels ({layer.channels}); "
-                          f"use --k {layer.channels} or less, or hook a wider layer.")
     if 2 * cfg.edge_cells * cell > cfg.tile_px - cfg.stride_px:
         raise ConfigError(f"--edge-cells {cfg.edge_cells} would leave gaps: dropping {cfg.edge_cells} cells "
                           f"({cfg.edge_cells * cell} px) at each tile edge needs tiles overlapping by at least "
@@ -98,16 +101,24 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     made here, and the atlas is the same."""
     t0 = time.perf_counter()
     layer_mod = find_layer(loaded.module, cfg.layer)
-    c, h, w = layer_geometry(loaded.module, layer_mod, cfg.tile_px)
+    layout, raw_shape = cell_layout(loaded.module, layer_mod, cfg.tile_px)
+    c, h, w = layout.channels, layout.h, layout.w
+    if layout.kind != "nchw":
+        say(f"note: layer {cfg.layer} gives {layout.describe(raw_shape)}")
     layer = LayerInfo(c, h, w, cfg.tile_px)
     check_geometry(cfg, layer)
-    n_out = output_count(loaded.module, cfg.tile_px)
+    dry = dry_outputs(loaded.module, cfg.tile_px)
+    n_out = int(dry.shape[1])
+    activation, note = choose_output_activation(cfg.output_activation, loaded.spec.output_activation, dry)
+    if note:
+        say(f"[yellow]note[/] {note}")
     out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
     if cfg.gradcam and out_index is None:
         raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
     target = cfg.target or default_target(cfg.output_activation, n_out)
     device = pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device))
+    cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device),
+                              output_activation=activation)
     torch.manual_seed(cfg.seed)
 
     wd = work_dir(out)
@@ -238,7 +249,8 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command_line": command_line or " ".join(sys.argv), "config": cfg.to_dict(),
             "model_source": loaded.source, "model_sha256": loaded.sha256 or "", "layer": cfg.layer,
-            "layer_shape": [c, h, w], "cell_px": layer.cell_px, "k": concepts.H.shape[0],
+            "layer_shape": [c, h, w], "cell_px": layer.cell_px, "layer_layout": layout.kind,
+            "prefix_tokens_dropped": layout.prefix, "k": concepts.H.shape[0],
             "output_names": list(loaded.spec.class_names or []), "device": str(device),
             "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
         }

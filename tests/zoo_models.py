@@ -7,10 +7,12 @@ folder is present, else they are seeded synthetic H&E-like textures, so the test
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 
 from precompute.models import ModelSpec
@@ -125,3 +127,57 @@ def write_mosaic(folder: Path, side: int) -> Path:
             for r in range(per_row)]
     Image.fromarray(np.concatenate(rows, axis=0)[:side, :side]).save(folder / "mosaic.png")
     return folder
+
+
+# -- the zoo: one case per model family (tests/test_zoo.py, bench/zoo_gpu.py) ---------------------
+@dataclass(frozen=True)
+class Case:
+    arch: str                 # torchvision name, or timm:NAME
+    layer: str
+    grid: tuple[int, int, int]  # (C, h, w) cells of the layer for one tile
+    raw: str                  # the layer's output shape as `layers` prints it
+    px: int = 224
+    extra: tuple[str, ...] = ()
+    build: dict | None = None  # extra constructor arguments of the seeded network
+
+
+ZOO = {
+    # The paper's setting: VGG16 at its last conv ReLU, 512 px tiles, stride 256, 2 edge cells dropped.
+    "vgg16": Case("vgg16", "features.29", (512, 32, 32), "512x32x32", 512,
+                  ("--stride-px", "256", "--edge-cells", "2")),
+    "resnet50-layer3": Case("resnet50", "layer3", (1024, 14, 14), "1024x14x14"),
+    "resnet50-layer4": Case("resnet50", "layer4", (2048, 7, 7), "2048x7x7"),
+    "densenet121": Case("densenet121", "features.norm5", (1024, 7, 7), "1024x7x7"),
+    "efficientnet_b0": Case("efficientnet_b0", "features", (1280, 7, 7), "1280x7x7"),
+    "mobilenet_v3_large": Case("mobilenet_v3_large", "features", (960, 7, 7), "960x7x7"),
+    "convnext_tiny": Case("convnext_tiny", "features", (768, 7, 7), "768x7x7"),
+    "regnet_y_400mf": Case("regnet_y_400mf", "trunk_output", (440, 7, 7), "440x7x7"),
+    "inception_v3": Case("inception_v3", "Mixed_7c", (2048, 8, 8), "2048x8x8", 299, build={"init_weights": False}),
+    "swin_t": Case("swin_t", "features", (768, 7, 7), "7x7x768"),  # (h, w, C) windows
+    "vit_b_16": Case("vit_b_16", "encoder.layers.encoder_layer_11", (768, 14, 14), "197x768"),
+    # A timm ViT with 4 register tokens besides the class token (5 tokens dropped).
+    "timm-vit_small_reg4": Case("timm:vit_small_patch16_224", "blocks.11", (384, 14, 14), "201x384",
+                                build={"reg_tokens": 4}),
+}
+
+
+def build(case: Case) -> torch.nn.Module:
+    """The seeded network. BatchNorm statistics are set from one batch of tiles, as training would,
+    so that activations keep a trained network's scale (untrained Inception-v3 overflows float16)."""
+    torch.manual_seed(0)
+    if case.arch.startswith("timm:"):
+        import timm
+
+        net = timm.create_model(case.arch[5:], pretrained=False, num_classes=2, **(case.build or {}))
+    else:
+        net = torchvision.models.get_model(case.arch, weights=None, num_classes=2, **(case.build or {}))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        for m in norms:
+            m.momentum = None  # cumulative average: one batch sets the statistics
+        tiles = torch.from_numpy(np.stack([np.asarray(Image.fromarray(t).resize((case.px, case.px)))
+                                           for t in tile_images(4)]))
+        x = (tiles.permute(0, 3, 1, 2).float() / 255 - 0.45) / 0.225
+        with torch.no_grad():
+            net.train()(x)
+    return net.eval()
