@@ -182,11 +182,6 @@ def cell_layout(model: torch.nn.Module, layer: torch.nn.Module, input_px: int) -
     return detect_layout(shapes[0], model), shapes[0]
 
 
-def output_count(model: torch.nn.Module, input_px: int) -> int:
-    """Number of model outputs (columns of _outputs_2d) for one tile, from a CPU dry run."""
-    return int(dry_outputs(model, input_px).shape[1])
-
-
 def dry_outputs(model: torch.nn.Module, input_px: int) -> torch.Tensor:
     """(2, O) outputs for a mid-grey tile and a seeded noise tile (CPU), e.g. to spot probabilities."""
     x = torch.stack([torch.zeros(3, input_px, input_px),

@@ -69,7 +69,8 @@ def run(
     out: Path = typer.Option(..., "--out", help="Atlas file to write (e.g. atlas.h5)."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Module name to hook (see `layers`). Default: "
                                         "the model's default layer."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict checkpoint."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a state_dict "
+                                      "checkpoint: a torchvision name (resnet50) or timm:NAME."),
     k: int = typer.Option(6, "--k", min=2, help="Number of NMF concepts (clusters)."),
     kmeans_k: Optional[int] = typer.Option(None, "--kmeans-k", min=2, help="Tile-level k-means clusters "
                                            "(default: --k)."),
@@ -332,7 +333,8 @@ def _print_summary(s) -> None:
 @app.command()
 def layers(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict checkpoint."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a state_dict "
+                                      "checkpoint: a torchvision name (resnet50) or timm:NAME."),
     input_px: Optional[int] = typer.Option(None, "--input-px", help="Input size of the dummy tile."),
 ) -> None:
     """List the model's modules with their output shapes for one tile (names for --layer)."""

@@ -209,7 +209,8 @@ def _load_file(model: str, path: Path, arch: str | None, num_classes: int | None
         example = ", ".join(repr(k) for k in list(state)[:3])
         raise ModelError(
             f"{path} holds a state_dict ({len(state)} tensors, e.g. {example}) but no architecture. "
-            "Pass arch=... (--arch), the architecture it was trained with: a torchvision name (e.g. resnet50) or timm:NAME (e.g. timm:vit_large_patch16_224).")
+            "Pass arch=... (--arch), the architecture it was trained with: a torchvision name (e.g. resnet50) "
+            "or timm:NAME (e.g. timm:vit_large_patch16_224).")
     if arch.startswith(TIMM_PREFIX):
         from .timm_models import build_timm  # lazy: timm is only needed for timm checkpoints
 

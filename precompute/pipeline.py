@@ -104,7 +104,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     layout, raw_shape = cell_layout(loaded.module, layer_mod, cfg.tile_px)
     c, h, w = layout.channels, layout.h, layout.w
     if layout.kind != "nchw":
-        say(f"note: layer {cfg.layer} gives {layout.describe(raw_shape)}")
+        say(f"note: layer {escape(cfg.layer)} gives {layout.describe(raw_shape)}")
     layer = LayerInfo(c, h, w, cfg.tile_px)
     check_geometry(cfg, layer)
     dry = dry_outputs(loaded.module, cfg.tile_px)
@@ -115,7 +115,7 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
     if cfg.gradcam and out_index is None:
         raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
-    target = cfg.target or default_target(cfg.output_activation, n_out)
+    target = cfg.target or default_target(activation, n_out)
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device),
                               output_activation=activation)
