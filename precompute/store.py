@@ -438,7 +438,9 @@ class _Check:
     def __init__(self, f: h5py.File, path: Path):
         self.f, self.path = f, path
         cmd = f.attrs.get("command_line")
-        self.command = cmd.decode("utf-8", "replace") if isinstance(cmd, bytes) else cmd if isinstance(cmd, str) else None
+        if isinstance(cmd, bytes):
+            cmd = cmd.decode("utf-8", "replace")
+        self.command = cmd if isinstance(cmd, str) and cmd else None
 
     def fail(self, item: str, problem: str) -> None:
         raise damaged(self.path, item, problem, self.command)
@@ -537,7 +539,7 @@ def _check_slides(c: _Check, n: int, s: int) -> np.ndarray:
     for name, dt in SLIDE_COLUMNS.items():
         kind = "str" if dt is STR else "float" if np.dtype(dt).kind == "f" else "int"
         c.shape(c.dataset(f"slides/{name}", kind, ndim=1), (s,), f"one row per slide, {s} slides")
-    for name, obj in (c.f["slides"].get("meta") or {}).items():
+    for name in c.f["slides"].get("meta") or {}:
         c.shape(c.dataset(f"slides/meta/{name}", "str", ndim=1), (s,), f"one row per slide, {s} slides")
     counts = c.f["slides/n_tiles"][()].astype(np.int64)
     starts = c.f["slides/tile_start"][()].astype(np.int64)
