@@ -52,9 +52,10 @@ def notes_argument(argv: list[str]) -> str | None:
     return args.notes or os.environ.get("LUMEN_NOTES") or None
 
 
-@st.cache_resource(max_entries=2, show_spinner="Checking the atlas's sha256 for its notes…")
-def _sha256(key: str) -> str:
-    return nm.file_sha256(key.split("|")[0])
+@st.cache_resource(max_entries=4, show_spinner="Checking which atlas the notes belong to (sha256)…")
+def _sha256(key: str, notes_path: str) -> str:
+    """The atlas's sha256 (key: path|mtime|size), reusing the notes file's record while it matches."""
+    return nm.atlas_digest(key.split("|")[0], notes_path)
 
 
 def setup(data: AtlasData, notes_arg: str | None) -> NotesState:
@@ -64,11 +65,11 @@ def setup(data: AtlasData, notes_arg: str | None) -> NotesState:
     try:
         if notes_arg:
             ns.path, ns.editable = nm.check_target(Path(notes_arg).expanduser(), data.path), True
-            ns.sha256 = _sha256(data.key)
+            ns.sha256 = _sha256(data.key, str(ns.path))
             ns.notes = nm.open_or_new(ns.path, data.path, ns.sha256, data.k)
         elif nm.default_path(data.path).exists():
             ns.path = nm.default_path(data.path)
-            ns.sha256 = _sha256(data.key)
+            ns.sha256 = _sha256(data.key, str(ns.path))
             ns.notes = nm.read_notes(ns.path, atlas_sha256=ns.sha256, k=data.k)
     except nm.NotesError as exc:
         ns.notes, ns.editable, ns.message, ns.error = None, False, str(exc), True

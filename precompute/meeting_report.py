@@ -360,8 +360,8 @@ def build_report(path: str | os.PathLike, notes: notes_mod.Notes | None = None, 
 
 
 def write_report(path: str | os.PathLike, out: str | os.PathLike, notes: notes_mod.Notes | None = None) -> Path:
-    """Write build_report(...) to `out` atomically. Returns `out`."""
-    text = build_report(path, notes)
+    """Write build_report(...) to `out` atomically (the sha256 checked against the notes is reused). Returns `out`."""
+    text = build_report(path, notes, sha256=notes.atlas_sha256 if notes else None)
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -8,7 +8,7 @@ the concepts of a different (e.g. rebuilt) atlas. Writes are atomic (temporary f
 Layout (version 1)::
 
     {"format": "lumen-notes", "version": 1,
-     "atlas": {"file": "atlas.h5", "sha256": "...", "k": 6},
+     "atlas": {"file": "atlas.h5", "sha256": "...", "k": 6, "size": 123, "mtime_ns": 456},
      "updated_utc": "2026-11-29T15:00:00+00:00",
      "note": "free text about the whole atlas",
      "concepts": {"3": {"name": "tumour epithelium", "note": "free text"}, ...}}   # 1-based keys
@@ -59,6 +59,8 @@ class Notes:
     atlas_sha256: str
     k: int
     atlas_file: str = ""
+    atlas_size: int = -1      # the atlas's size and mtime when its sha256 was taken: while they match,
+    atlas_mtime_ns: int = -1  # the recorded sha256 is reused instead of reading the whole file again
     note: str = ""
     updated_utc: str = ""
     concepts: dict[int, ConceptNote] = field(default_factory=dict)
@@ -85,6 +87,21 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def atlas_digest(atlas: str | os.PathLike, notes_path: str | os.PathLike | None = None) -> str:
+    """sha256 of the atlas. When the notes file at `notes_path` recorded it together with the atlas's
+    size and modification time and both still match (an atlas is replaced by rename, never edited in
+    place), that value is reused: a stat instead of reading a multi-GB file at every start."""
+    if notes_path is not None and Path(notes_path).is_file():
+        try:
+            rec = json.loads(Path(notes_path).read_text(encoding="utf-8")).get("atlas") or {}
+            st = Path(atlas).stat()
+            if rec.get("sha256") and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+                return str(rec["sha256"])
+        except (OSError, ValueError, AttributeError):
+            pass  # unreadable or damaged: hash the atlas; read_notes will report the file's problem
+    return file_sha256(atlas)
 
 
 def clean_name(text: str) -> str:
@@ -128,6 +145,7 @@ def _parse(raw: dict, path: Path) -> Notes:
     try:
         k = int(atlas["k"])
         notes = Notes(atlas_sha256=str(atlas["sha256"]), k=k, atlas_file=str(atlas.get("file", "")),
+                      atlas_size=int(atlas.get("size", -1)), atlas_mtime_ns=int(atlas.get("mtime_ns", -1)),
                       note=clean_note(raw.get("note", "")), updated_utc=str(raw.get("updated_utc", "")))
         for key, entry in (raw.get("concepts") or {}).items():
             j = int(key) - 1
@@ -164,13 +182,18 @@ def read_notes(path: str | os.PathLike, *, atlas_sha256: str | None = None, k: i
 def open_or_new(path: str | os.PathLike, atlas: str | os.PathLike, atlas_sha256: str, k: int) -> Notes:
     """The notes at `path` for this atlas, or empty notes when the file does not exist yet."""
     if Path(path).exists():
-        return read_notes(path, atlas_sha256=atlas_sha256, k=k)
-    return Notes(atlas_sha256=atlas_sha256, k=k, atlas_file=Path(atlas).name)
+        notes = read_notes(path, atlas_sha256=atlas_sha256, k=k)
+    else:
+        notes = Notes(atlas_sha256=atlas_sha256, k=k, atlas_file=Path(atlas).name)
+    st = Path(atlas).stat()
+    notes.atlas_size, notes.atlas_mtime_ns = st.st_size, st.st_mtime_ns
+    return notes
 
 
 def to_json(notes: Notes) -> dict:
     return {"format": FORMAT, "version": VERSION,
-            "atlas": {"file": notes.atlas_file, "sha256": notes.atlas_sha256, "k": notes.k},
+            "atlas": {"file": notes.atlas_file, "sha256": notes.atlas_sha256, "k": notes.k,
+                      "size": notes.atlas_size, "mtime_ns": notes.atlas_mtime_ns},
             "updated_utc": notes.updated_utc, "note": notes.note,
             "concepts": {str(j + 1): {"name": c.name, "note": c.note}
                          for j, c in sorted(notes.concepts.items()) if c.name or c.note}}
@@ -239,13 +262,13 @@ def resolve(atlas: str | os.PathLike, notes_path: str | os.PathLike | None, k: i
     else the default file beside the atlas when it exists and belongs to it. Returns (notes or None,
     a line saying where the names come from or why the default file was ignored; '' when none)."""
     if notes_path is not None:
-        sha = atlas_sha256 or file_sha256(atlas)
+        sha = atlas_sha256 or atlas_digest(atlas, notes_path)
         return read_notes(notes_path, atlas_sha256=sha, k=k), f"names and notes from {notes_path}"
     default = default_path(atlas)
     if not default.exists():
         return None, ""
     try:
-        sha = atlas_sha256 or file_sha256(atlas)
+        sha = atlas_sha256 or atlas_digest(atlas, default)
         return read_notes(default, atlas_sha256=sha, k=k), f"names and notes from {default}"
     except NotesError as exc:
         return None, f"ignored {default}: {exc}"

@@ -61,7 +61,8 @@ def test_save_and_read_back_without_touching_the_atlas(fake_atlas):
     nm.save_atlas_note(path, fake_atlas, before, 4, "meeting of 29 Nov")
     raw = json.loads(path.read_text())
     assert raw["format"] == "lumen-notes" and raw["version"] == 1
-    assert raw["atlas"] == {"file": "atlas.h5", "sha256": before, "k": 4}
+    assert raw["atlas"] == {"file": "atlas.h5", "sha256": before, "k": 4, "size": fake_atlas.stat().st_size,
+                            "mtime_ns": fake_atlas.stat().st_mtime_ns}
     assert raw["concepts"]["3"] == {"name": "tumour epithelium", "note": "seen on\nall slides"}
     notes = nm.read_notes(path, atlas_sha256=before, k=4)
     assert nm.labels(4, notes) == ["artefact: pen ink", "C2", "tumour epithelium", "C4"]
@@ -75,6 +76,20 @@ def test_a_save_keeps_what_another_session_saved_meanwhile(fake_atlas):
     nm.save_concept(path, fake_atlas, digest, 3, 0, "stroma", "")
     nm.save_concept(path, fake_atlas, digest, 3, 1, "fat", "")  # as another browser would
     assert nm.labels(3, nm.read_notes(path)) == ["stroma", "fat", "C3"]
+
+
+def test_the_recorded_sha256_is_reused_only_while_the_atlas_is_unchanged(fake_atlas):
+    path, digest = nm.default_path(fake_atlas), sha(fake_atlas)
+    nm.save_concept(path, fake_atlas, digest, 3, 0, "stroma", "")
+    raw = json.loads(path.read_text())
+    assert raw["atlas"]["size"] == fake_atlas.stat().st_size
+    assert nm.atlas_digest(fake_atlas, path) == digest
+    raw["atlas"]["sha256"] = "f" * 64  # proves the record, not the file, answered while size and mtime match
+    path.write_text(json.dumps(raw))
+    assert nm.atlas_digest(fake_atlas, path) == "f" * 64
+    fake_atlas.write_bytes(fake_atlas.read_bytes())  # rewritten: new mtime, so the file is hashed again
+    os.utime(fake_atlas, ns=(1, raw["atlas"]["mtime_ns"] + 1))
+    assert nm.atlas_digest(fake_atlas, path) == digest
 
 
 def test_labels_stay_unique():
