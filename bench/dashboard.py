@@ -125,7 +125,10 @@ def build(source: Path, out: Path, n_tiles: int, n_slides: int, seed: int = 0) -
                 print(f"  slide {s}/{n_slides} ({time.time() - t0:.0f} s)", flush=True)
         w.put_tile_column("kmeans_cluster", np.concatenate(kmeans), attrs={"k": k})
         w.put_tile_column("proj", np.concatenate(proj), attrs={"method": "pca (resampled)"})
-        w.put_group("clusters", {n: clusters[n] for n in ("H", "distances", "cosine_similarity")}, attrs=cattrs)
+        # H keeps as many channels as the stored embeddings (the atlas validator checks they match); the
+        # dashboard reads the stored distances, never H
+        w.put_group("clusters", {"H": clusters["H"][:, :8], **{n: clusters[n] for n in ("distances", "cosine_similarity")}},
+                    attrs=cattrs)
         pr = {n: protos[n] for n in ("slide", "tile", "cluster", "weight", "cell_y", "cell_x")}
         pr["tile"] = pr["slide"].astype(np.int64) * per  # first tile of the same-index synthetic slide
         pr["jpeg"] = crops
