@@ -220,7 +220,7 @@ def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
 
 
 PAGES = {"cluster": "text=Concept drill-down", "slides": "text=Soft map of every concept, and the model output",
-         "enrichment": "text=log2 enrichment", "fidelity": "text=How to read this page"}
+         "enrichment": "text=Open a concept to see its slides:", "fidelity": "text=How to read this page"}
 
 
 def _page_loads(context, url: str) -> dict:
@@ -310,7 +310,7 @@ def _interactions(page) -> dict:
         "viewer_full_resolution": (_view_change(page, button("Full resolution")), viewer),
         "viewer_pan": (_view_change(page, button("→")), viewer),
         "viewer_whole_slide": (_view_change(page, button("Whole slide")), viewer),
-        "open_enrichment_page": (radio("Diagnosis enrichment"), "text=log2 enrichment"),
+        "open_enrichment_page": (radio("Diagnosis enrichment"), "text=Open a concept to see its slides:"),
         "back_to_overview": (radio("Overview"), "text=Density image:"),
     }
 
