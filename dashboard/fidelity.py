@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from precompute.cellmask import EDGE_BELOW, GLASS_BELOW, concept_tissue_flags
 from precompute.report import DEFAULT_OUTPUT, report_dict
+from precompute.store import Atlas
 
 from .colors import concept_label
 from .data import AtlasData, file_key
@@ -26,7 +28,7 @@ NOT_COMPUTED_CAM = "GradCAM was not computed: re-run with --gradcam"
 
 __all__ = ["UP", "DOWN", "NONE", "NOT_COMPUTED_CAM", "FidelityError", "report", "direction", "how_chosen",
            "regression_table", "concept_table", "cam_table", "cam_long", "grid_table", "grid_long", "fmt",
-           "fmt_cam"]
+           "fmt_cam", "agreement_long", "cv_band", "glass_flags", "glass_warning"]
 
 
 class FidelityError(RuntimeError):
@@ -47,6 +49,27 @@ def report(data: AtlasData) -> dict[str, Any]:
         return _report(key)
     except (ValueError, KeyError, OSError, IndexError) as exc:
         raise FidelityError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _glass(key: str, k: int) -> list[dict[str, Any]]:
+    with Atlas(key.split("|")[0]) as atlas:
+        return concept_tissue_flags((atlas.slide_map(i, "concept_cells") for i in range(atlas.n_slides)), k)
+
+
+def glass_flags(data: AtlasData) -> list[dict[str, Any]]:
+    """Per concept: its map cells on tissue, edges and glass before glass was blanked, and `flag` when most
+    sit on glass or edges (precompute/cellmask.py). Cells are 0 for atlases written before the masking."""
+    return _glass(data.key or file_key(data.path), data.k)
+
+
+def glass_warning(row: dict[str, Any]) -> str:
+    """Plain-words warning for a flagged concept, '' otherwise."""
+    if not row.get("flag"):
+        return ""
+    return (f"**Mostly on glass or tissue edges:** {row['glass_share']:.0%} of this concept's map cells had under "
+            f"{GLASS_BELOW:.0%} tissue and {row['edge_share']:.0%} under {EDGE_BELOW:.0%}. It may describe the "
+            "slide background or the tissue border more than tissue; the maps leave glass cells uncoloured.")
 
 
 # -- wording -------------------------------------------------------------------------------------
@@ -130,6 +153,29 @@ def cam_long(rep: dict[str, Any]) -> pd.DataFrame:
             rows.append({"concept": concept_label(c["cluster"] - 1), "tiles": label, "mean": mean, "std": std,
                          "lo": lo, "hi": hi, "n": c[n]})
     return pd.DataFrame(rows, columns=["concept", "tiles", "mean", "std", "lo", "hi", "n"])
+
+
+AGREEMENT_MEASURES = {"pooled_r": "pooled, all tissue cells", "pooled_pos_r": "pooled, cells of positive tiles",
+                      "tile_r_mean": "mean per-tile r", "tile_pos_r_mean": "mean per-tile r, positive tiles"}
+
+
+def agreement_long(rep: dict[str, Any]) -> pd.DataFrame:
+    """Pooled and per-tile GradCAM agreement with 95 % bootstrap bounds, one row per concept and measure:
+    concept, measure, r, lo, hi. Empty when the atlas stores no agreement."""
+    cols = ["concept", "measure", "r", "lo", "hi"]
+    if not rep.get("agreement"):
+        return pd.DataFrame(columns=cols)
+    rows = [{"concept": concept_label(c["cluster"] - 1), "measure": label, "r": c.get(key),
+             "lo": c.get(key + "_lo"), "hi": c.get(key + "_hi")}
+            for c in rep["clusters"] for key, label in AGREEMENT_MEASURES.items()]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def cv_band(reg: dict[str, Any]) -> str:
+    """'5–95 %: 0.12 to 0.64' for the repeated cross-validation, or '' when not computed."""
+    if reg.get("r2_cv_p5") is None or reg.get("r2_cv_p95") is None:
+        return ""
+    return f"5–95 %: {reg['r2_cv_p5']:.3f} to {reg['r2_cv_p95']:.3f}"
 
 
 GRID_MEASURES = {"nmf_rel_error": ("NMF", "reconstruction error"), "nmf_r2": ("NMF", "R² in-sample"),

@@ -20,6 +20,7 @@ from .cells import CellLayout, detect_layout, to_grid
 from .fidelity import choose_output
 from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
+from .intervention import Intervention
 from .targets import target_torch
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
 from .workers import worker_init
@@ -263,7 +264,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, layer: torch.nn.Module, device: torch.device,
                  *, relu: bool, concepts: Concepts | None, calib_cells: int = 0, output_activation: str = "auto",
-                 gradcam_output: int | None = None, gradcam_target: str | None = "logit"):
+                 gradcam_output: int | None = None, gradcam_target: str | None = "logit",
+                 importance_output: int | None = None):
         self.device = device
         self.gradcam_target = gradcam_target or "logit"  # targets.TARGETS: what of the output GradCAM explains
         self.spec = spec
@@ -279,6 +281,11 @@ class Engine:
                                 model=self.model)
         self.calib_cells = calib_cells
         self.output_activation = output_activation
+        self.intervention = None  # concept importance by removal (intervention.py), opt-in
+        if importance_output is not None and self.probe.H is not None:
+            self.intervention = Intervention(layer, self.probe.H, relu=relu, shift=self.probe.shift,
+                                             scale=self.probe.scale, output_index=importance_output,
+                                             target=self.gradcam_target, output_activation=output_activation)
 
     def close(self) -> None:
         self.probe.remove()
@@ -345,7 +352,23 @@ class Engine:
                     res["probs"] = torch.softmax(logits, dim=1).cpu().numpy()
                 elif act == "sigmoid":
                     res["probs"] = torch.sigmoid(logits).cpu().numpy()
+        if self.intervention is not None and y is not None:
+            res.update(self._importance(x, _outputs_2d(y).detach()))
         return res
+
+    def _importance(self, x: torch.Tensor, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        """Concept removal at the hooked layer (intervention.py): importance (B, K), deletion (B, K + 1)."""
+        probe = self.probe
+        weights = probe.out["cell_weights"].detach()
+        saved_h, probe.H, probe.want_grad = probe.H, None, False  # the probe only watches these reruns
+        try:
+            with torch.inference_mode():
+                y_full = target_torch(logits.float(), self.intervention.output_index, self.intervention.target,
+                                      self.output_activation)
+                out = self.intervention.run(self.model, x.detach(), weights, y_full, self._autocast)
+        finally:
+            probe.H = saved_h
+        return {name: value.float().cpu().numpy() for name, value in out.items()}
 
 
 def _as_is(item):

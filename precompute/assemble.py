@@ -45,6 +45,9 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
     total_sq_resid = total_sq_norm = 0.0
     has_cam = "gradcam_r" in probe
     extra = {"gradcam_r": ((k,), np.float32)} if has_cam else {}
+    has_importance = "importance" in probe
+    if has_importance:  # --importance: per tile and concept, the target's drop when the concept is removed
+        extra.update({"importance": ((k,), np.float32), "deletion": ((k + 1,), np.float32)})
     with AtlasWriter(out, attrs=root_attrs, embedding_dim=probe["embedding"].shape[1],
                      output_names=output_names, k=k, has_probs=has_probs, extra_columns=extra) as w:
         for rec, path in zip(records, part_paths):
@@ -67,14 +70,16 @@ def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], c
                     tiles["probs"] = arrays["probs"]
                 if has_cam:
                     tiles["gradcam_r"] = arrays["gradcam_r"]
+                if has_importance:
+                    tiles["importance"], tiles["deletion"] = arrays["importance"], arrays["deletion"]
                 start = w.n_tiles
                 new = _proto_rows({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
                                    **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
                 protos = _choose_prototypes(protos + new, k, cfg.prototypes_per_cluster)
                 assert len(tiles["x"]) == n
             if "thumbnail" in arrays:
-                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam")
-                        if name in arrays}
+                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam",
+                                                        "cell_tissue", "concept_cells") if name in arrays}
             map_attrs = {"thumb_downsample": attrs.get("thumb_downsample"),
                          "mask_downsample": attrs.get("mask_downsample"), "cell_l0": cell_l0,
                          "warnings": attrs.get("warnings", [])}

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .cellmask import concept_tissue_flags
 from .store import Atlas
 
 
@@ -25,6 +26,7 @@ def summarise(path: Path) -> dict[str, Any]:
         protos = atlas.group("clusters/prototypes")
         proj_attrs = atlas.tile_attrs("proj") if "proj" in cols else {}
         n_maps = sum(atlas.slide_maps(i) is not None for i in range(atlas.n_slides))
+        on_glass = concept_tissue_flags((atlas.slide_map(i, "concept_cells") for i in range(atlas.n_slides)), k)
         fmt = {"format": attrs.get("format"), "format_version": attrs.get("format_version")}
 
     diag = [d or "(none)" for d in slides["diagnosis"]]
@@ -47,6 +49,8 @@ def summarise(path: Path) -> dict[str, Any]:
             "share": float(members.mean()) if len(nmf) else 0.0,
             "by_diagnosis": dict(sorted(diag_counts.items())),
             "prototypes": int((protos.get("cluster", np.zeros(0)) == c).sum()),
+            "map_cells": on_glass[c]["cells"], "glass_share": on_glass[c]["glass_share"],
+            "edge_share": on_glass[c]["edge_share"], "on_glass_or_edges": on_glass[c]["flag"],
         })
     km = tiles.get("kmeans_cluster")
     return {
@@ -78,6 +82,14 @@ def summarise(path: Path) -> dict[str, Any]:
     }
 
 
+def _glass_note(row: dict[str, Any]) -> str:
+    """'  cells: 35% glass, 10% edge  FLAG: mostly on glass or tissue edges' (empty for older atlases)."""
+    if not row.get("map_cells"):
+        return ""
+    flag = "  FLAG: mostly on glass or tissue edges" if row.get("on_glass_or_edges") else ""
+    return f"  cells: {row['glass_share']:.0%} glass, {row['edge_share']:.0%} edge{flag}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """Plain-text rendering of summarise()."""
     cfg = s.get("config", {})
@@ -106,7 +118,7 @@ def format_summary(s: dict[str, Any]) -> str:
         mix = ", ".join(f"{d}: {n}" for d, n in row["by_diagnosis"].items())
         name = f"  {row['name']}" if row.get("name") else ""
         lines.append(f"  {row['cluster']:2d}{name}  {row['tiles']:8d} tiles ({row['share']:6.1%})  "
-                     f"{row['prototypes']} prototypes  [{mix}]")
+                     f"{row['prototypes']} prototypes  [{mix}]" + _glass_note(row))
         if row.get("note"):
             lines += [f"      {line}" for line in row["note"].splitlines()]
     if c["kmeans_sizes"]:

@@ -94,7 +94,9 @@ def run(
     projection: str = typer.Option("pca", "--projection", help="2-D projection: pca or umap."),
     seed: int = typer.Option(0, "--seed", help="Seed for every random choice."),
     calib_tiles: int = typer.Option(48, "--calib-tiles", min=1, help="Tiles sampled per slide to fit the concepts."),
-    calib_cells: int = typer.Option(8, "--calib-cells", min=1, help="Cells sampled per calibration tile."),
+    calib_cells: Optional[int] = typer.Option(None, "--calib-cells", min=1, help="Cells sampled per calibration "
+                                              "tile. Default: all of a tile's cells while the calibration sample "
+                                              "fits --max-calib-cells, else as many as fit (at least 8)."),
     max_calib_cells: int = typer.Option(200_000, "--max-calib-cells", min=10, help="Cap on pooled cells for NMF."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Tiles per model batch."),
     workers: int = typer.Option(-1, "--workers", help="Tile-reading processes (-1: CPU cores - 1, 0: read in "
@@ -115,6 +117,9 @@ def run(
                                          "softmax heads, logit for sigmoid or single-output heads."),
     gradcam: bool = typer.Option(False, "--gradcam/--no-gradcam", help="Compute GradCAM of the explained output "
                                  "in the full pass (costs a backward pass) and correlate it with each concept."),
+    importance: bool = typer.Option(False, "--importance/--no-importance", help="Concept importance by "
+                                    "intervention: remove each concept from the hooked layer and rerun the rest "
+                                    "of the network (2K extra forward passes per batch)."),
     positive_threshold: float = typer.Option(0.5, "--positive-threshold", min=0.0, max=1.0,
                                              help="Probability above which a tile counts as called positive."),
     k_grid: str = typer.Option("4,6,8,10", "--k-grid", help="K values compared on the calibration sample "
@@ -135,7 +140,8 @@ def run(
                    calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
                    workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
                    output_activation=output_activation, explain=explain, target=target, gradcam=gradcam,
-                   positive_threshold=positive_threshold, k_grid=k_grid, progress=progress, dask=dask)
+                   importance=importance, positive_threshold=positive_threshold, k_grid=k_grid, progress=progress,
+                   dask=dask)
     raise typer.Exit(code)
 
 
@@ -151,10 +157,10 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 
 def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, kmeans_k=None, tile_px=None,
             stride_px=None, target_mpp=0.5, mpp=None, native_resolution=False, min_tissue=0.25, edge_cells=0,
-            relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=8,
+            relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=None,
             max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
             mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
-            positive_threshold=0.5, k_grid="4,6,8,10", progress=True, dask=None) -> int:
+            importance=False, positive_threshold=0.5, k_grid="4,6,8,10", progress=True, dask=None) -> int:
     """The `run` command as a function (also used by `demo`). Returns the exit code."""
     from .config import RunConfig
     from .pipeline import ConfigError, run as run_pipeline
@@ -191,7 +197,7 @@ def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, 
                     edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
                     calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,
                     output_activation=output_activation, target=target, gradcam=gradcam,
-                    positive_threshold=positive_threshold, k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
+                    importance=importance, positive_threshold=positive_threshold, k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
     out = out.expanduser().resolve()
     if out.exists() and out.is_dir():
         _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")

@@ -24,6 +24,18 @@ def concepts_sha(c: Concepts) -> str:
     return h.hexdigest()[:16]
 
 
+CALIB_MIN_CELLS = 8  # cells per calibration tile never fewer than this (the sample of the first releases)
+
+
+def auto_cells_per_tile(cells_in_tile: int, n_slides: int, tiles_per_slide: int, max_cells: int) -> int:
+    """Calibration cells kept per tile when --calib-cells is not given: all of the tile's cells while the
+    whole calibration sample (n_slides x tiles_per_slide tiles, an upper bound) fits under max_cells,
+    else as many as fit, at least CALIB_MIN_CELLS. A fixed 8 cells per tile starves small cohorts: 32
+    one-tile slides gave NMF 256 cells, where all 1,568 fit easily."""
+    budget = max_cells // max(1, n_slides * tiles_per_slide)
+    return int(min(cells_in_tile, max(CALIB_MIN_CELLS, budget)))
+
+
 def pool_cells(part_paths: list[Path], max_cells: int, seed: int) -> tuple[np.ndarray, float]:
     """Concatenate the calibration cells of all slides and keep a seeded sample of at most max_cells.
 

@@ -30,7 +30,7 @@ class RunConfig:
     kmeans_k: int | None = None     # defaults to k
     seed: int = 0
     calib_tiles_per_slide: int = 64
-    calib_cells_per_tile: int = 16
+    calib_cells_per_tile: int | None = None  # None: concepts.auto_cells_per_tile (all cells while they fit)
     calib_max_cells: int = 200_000
     nmf_max_iter: int = 500
     projection: str = "pca"         # or "umap"
@@ -40,6 +40,7 @@ class RunConfig:
     explain_output: int | None = None   # model output (column) the regression and GradCAM explain
     target: str | None = None           # logit | log-odds | contrast of that output (None: default, targets.py)
     gradcam: bool = False               # compute GradCAM of explain_output in the full pass (a backward pass)
+    importance: bool = False            # concept importance by removal at the hooked layer (2K extra forwards)
     positive_threshold: float = 0.5     # probability above which the model "calls a tile positive"
     k_grid: tuple[int, ...] = (4, 6, 8, 10)  # K values compared on the calibration sample
     # device type and precision the model runs in (activations.compute_signature, set by the run):
@@ -69,7 +70,10 @@ class RunConfig:
     def slide_key(self, concepts_sha: str) -> str:
         """What a per-slide full-pass result depends on: tiling, thumbnails, and the concepts H."""
         names = ("edge_cells", "thumb_px", "output_activation", "prototypes_per_cluster", "gradcam")
-        extra = {"concepts": concepts_sha, "cam_output": self.explain_output if self.gradcam else None}
+        extra = {"concepts": concepts_sha, "cam_output": self.explain_output if self.gradcam else None,
+                 "maps": "glass-masked"}  # parts of older versions have concepts on glass: redo them
         if self.gradcam and self.target not in (None, "logit"):
             extra["cam_target"] = self.target  # the GradCAM maps depend on it (logit keeps older keys valid)
+        if self.importance:
+            extra["importance"] = [self.explain_output, self.target]
         return self._key(self.tiling_names() + names, extra)

@@ -37,8 +37,10 @@ __all__ = [
     "choose_output",
     "fidelity_from_atlas",
     "k_grid",
+    "k_grid_cells",
     "nnls_batch",
     "output_regression",
+    "repeated_group_cv",
     "pearson_rows",
     "positive_tiles",
     "r2_score",
@@ -213,6 +215,44 @@ def output_regression(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *,
             "n_folds": n_folds, "n_groups": n_groups, "n_tiles": n, "fold": fold, "note": "; ".join(notes)}
 
 
+CV_REPEATS = 20  # shuffles of the group-to-fold assignment in repeated_group_cv
+
+
+def repeated_group_cv(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_repeats: int = CV_REPEATS,
+                      n_splits: int = 5, seed: int = 0) -> dict:
+    """Cross-validated R^2 over `n_repeats` random assignments of whole groups to folds.
+
+    One assignment is one draw: on small cohorts the R^2 of a single split depends on which slides
+    land together. Per repeat the groups are shuffled (seeded) and dealt to min(n_splits, n_groups)
+    folds in turn; the R^2 of the pooled out-of-fold predictions of a linear regression (with
+    intercept) is recorded. weights: (N, K); y: (N,); groups: (N,).
+
+    Returns r2_cv_repeats (n_repeats,) (NaN where undefined), r2_cv_median, r2_cv_p5, r2_cv_p95 (the
+    5th and 95th percentiles over repeats) and n_repeats; the summaries are NaN with fewer than 2 groups.
+    """
+    X = np.asarray(weights, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    r2s = np.full(int(n_repeats), np.nan)
+    if n_groups >= 2:
+        n_folds = min(int(n_splits), n_groups)
+        rng = np.random.default_rng(seed)
+        for rep in range(int(n_repeats)):
+            fold_of_group = np.empty(n_groups, dtype=np.int64)
+            fold_of_group[rng.permutation(n_groups)] = np.arange(n_groups) % n_folds
+            fold = fold_of_group[codes]
+            oof = np.empty(len(y))
+            for f in range(n_folds):
+                test = fold == f
+                oof[test] = LinearRegression().fit(X[~test], y[~test]).predict(X[test])
+            r2s[rep] = r2_score(y, oof)
+    ok = r2s[np.isfinite(r2s)]
+    med, p5, p95 = (np.percentile(ok, q) for q in (50, 5, 95)) if len(ok) else (np.nan,) * 3
+    return {"r2_cv_repeats": r2s, "r2_cv_median": float(med), "r2_cv_p5": float(p5), "r2_cv_p95": float(p95),
+            "n_repeats": int(n_repeats)}
+
+
 def choose_output(output_names: Sequence[str], probs_available: bool, wanted: str | int | None) -> tuple[int, str]:
     """Resolve which model output to explain. Returns (index, name).
 
@@ -361,6 +401,82 @@ def k_grid(cells: np.ndarray, tile_embeddings: np.ndarray, y: np.ndarray, groups
     return {"ks": ks, **out}
 
 
+def _per_tile_sum(values: np.ndarray, tile: np.ndarray, n_tiles: int) -> np.ndarray:
+    """Sum of the rows of values (n, K) per tile index (n,) -> (n_tiles, K)."""
+    out = np.zeros((n_tiles, values.shape[1]))
+    np.add.at(out, tile, values)
+    return out
+
+
+def _fit_r2(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[float, dict]:
+    """In-sample R^2 of a linear fit and the repeated grouped CV summary."""
+    r2 = r2_score(y, LinearRegression().fit(X, y).predict(X))
+    return r2, repeated_group_cv(X, y, groups, seed=seed)
+
+
+GRID_FEATURES = ("nmf", "kmeans", "kmeans_dist")
+
+
+def k_grid_cells(cells: np.ndarray, tile: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                 ks: Sequence[int] = (4, 6, 8, 10), *, seed: int = 0, max_fit_cells: int = 20_000,
+                 nmf_fit: Callable[[np.ndarray, int, int], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """NMF against k-means for each K on the same calibration cells, as in the method's paper.
+
+    cells: (n, C) >= 0 calibration cells (after the concepts' non-negativity transform); tile: (n,) index
+    of each cell's tile in y; y: (T,) the explained target of those tiles; groups: (T,) slide or patient.
+    Both methods are fitted on the same seeded sample of at most max_fit_cells cells; the tile features
+    then use every given cell of each tile:
+      nmf:         per tile, the sum of its cells' NNLS weights against H (the atlas's own tile weights);
+      kmeans:      per tile, the number of its cells in each cluster (cells per cluster, the paper's analogue);
+      kmeans_dist: distances of the tile's mean cell to the K centres (an older feature, own label only).
+    Errors: ||V - W H||_F / ||V||_F for NMF, sqrt(inertia) / ||V||_F for k-means, on the fit sample.
+    R^2 in-sample and cross-validated (repeated_group_cv: median and 5-95 % band over shuffles).
+
+    Returns (len(ks),) arrays: ks, {nmf,kmeans}_rel_error, and for each of GRID_FEATURES f: f_r2,
+    f_r2_cv (median), f_r2_cv_p5, f_r2_cv_p95; NaN where K exceeds what the sample allows.
+    """
+    V = np.asarray(cells, dtype=np.float32)
+    tile = np.asarray(tile, dtype=np.int64)
+    y = np.asarray(y, dtype=np.float64)
+    if V.ndim != 2 or tile.shape != (len(V),) or (len(tile) and (tile.min() < 0 or tile.max() >= len(y))):
+        raise ValueError(f"cells must be (n, C) with a tile index in [0, {len(y)}) per cell; got {V.shape}, "
+                         f"{tile.shape}.")
+    if V.size and V.min() < 0:
+        raise ValueError("cells contain negative values; apply the concepts' non-negativity transform first.")
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(len(V), max_fit_cells, replace=False)) if len(V) > max_fit_cells else slice(None)
+    Vf = V[fit_rows]
+    v_norm = float(np.sqrt(_sq_norm(Vf)))
+    if v_norm == 0.0:
+        raise ValueError("all calibration cells are zero; there is nothing to factorise.")
+    n_tiles = len(y)
+    counts = np.bincount(tile, minlength=n_tiles).astype(np.float64)
+    mean_cell = _per_tile_sum(V.astype(np.float64), tile, n_tiles) / np.maximum(counts, 1)[:, None]
+    ks = np.asarray([int(k) for k in ks], dtype=np.int64)
+    names = ["nmf_rel_error", "kmeans_rel_error"] + [f"{f}_{m}" for f in GRID_FEATURES
+                                                     for m in ("r2", "r2_cv", "r2_cv_p5", "r2_cv_p95")]
+    out = {name: np.full(len(ks), np.nan) for name in names}
+
+    def record(i: int, prefix: str, X: np.ndarray) -> None:
+        r2, cv = _fit_r2(X, y, groups, seed)
+        out[f"{prefix}_r2"][i] = r2
+        for m in ("median", "p5", "p95"):
+            out[f"{prefix}_r2_cv" + ("" if m == "median" else f"_{m}")][i] = cv[f"r2_cv_{m}"]
+
+    for i, k in enumerate(ks):
+        if k <= min(Vf.shape):
+            H = np.asarray((nmf_fit or _sklearn_nmf)(Vf, int(k), seed), dtype=np.float64)
+            out["nmf_rel_error"][i] = _nmf_rel_error(Vf, H, v_norm)
+            record(i, "nmf", _per_tile_sum(nnls_batch(V, H), tile, n_tiles))
+        if k <= len(Vf):
+            km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(Vf)
+            out["kmeans_rel_error"][i] = float(np.sqrt(km.inertia_) / v_norm)
+            onehot = np.eye(int(k))[km.predict(V)]
+            record(i, "kmeans", _per_tile_sum(onehot, tile, n_tiles))
+            record(i, "kmeans_dist", km.transform(mean_cell.astype(np.float32)))
+    return {"ks": ks, **out}
+
+
 # ----------------------------------------------------------------------------------------
 # Reading back
 # ----------------------------------------------------------------------------------------
@@ -378,7 +494,8 @@ def fidelity_from_atlas(atlas: "Atlas") -> dict:
 
     Returns the group's attrs (output_index, output_name, threshold, groups, has_gradcam, ...),
     its arrays ((1,) arrays such as r2 as Python floats; coef, cam_r_* as (K,) arrays) and
-    "k_grid": the arrays of `fidelity/k_grid` ({} when absent). The per-tile `gradcam_r` column is
+    "k_grid": the arrays of `fidelity/k_grid` ({} when absent) and "k_grid_attrs" its attrs;
+    "agreement": arrays and attrs of `fidelity/agreement` ({} when absent, see precompute/agreement.py). The per-tile `gradcam_r` column is
     not read here (it is N x K); read it with `atlas.tiles(["gradcam_r"])`.
     """
     attrs = atlas.group_attrs("fidelity")
@@ -388,4 +505,7 @@ def fidelity_from_atlas(atlas: "Atlas") -> dict:
     out = dict(attrs)
     out.update({name: _scalar(value) for name, value in arrays.items()})
     out["k_grid"] = atlas.group("fidelity/k_grid")
+    out["k_grid_attrs"] = atlas.group_attrs("fidelity/k_grid")
+    out["agreement"] = {**atlas.group("fidelity/agreement"), **atlas.group_attrs("fidelity/agreement")}
+    out["importance"] = {**atlas.group("fidelity/importance"), **atlas.group_attrs("fidelity/importance")}
     return out

@@ -21,6 +21,7 @@ import torch
 
 from .activations import Engine, stream_slides
 from .cohort import SlideRecord
+from .cellmask import cell_tissue_fraction, mask_glass
 from .config import RunConfig
 from .fidelity import cam_cluster_correlation
 from .parts import part_name, save_part
@@ -99,7 +100,7 @@ class _SlideFull:
     def __init__(self, plan: SlidePlan, layer: LayerInfo, cfg: RunConfig, k: int):
         self.plan = plan
         self.parts: dict[str, list] = {n: [] for n in ("embedding", "outputs", "probs", "weights", "sq_resid",
-                                                      "sq_norm")}
+                                                      "sq_norm", "importance", "deletion")}
         self.thumbs: list[bytes] = []
         stride_cells = int(round(cfg.stride_px / layer.cell_px))
         cell_l0 = plan.tile_l0 / layer.h
@@ -179,7 +180,9 @@ class SlideWork:
         attrs["seconds"] = time.perf_counter() - self.t0
         if self.kind == "calibration":
             arrays = {"cells": np.concatenate(acc.cells) if acc.cells else
-                      np.zeros((0, self.layer.channels), np.float16)}
+                      np.zeros((0, self.layer.channels), np.float16),
+                      # the sampled tiles, in the order of the cells (m consecutive cells per tile)
+                      "coords": np.asarray(acc.plan.coords, np.int64).reshape(-1, 2)}
         else:
             arrays = _full_arrays(acc, self.layer, self.k)
         save_part(self.path, arrays, attrs)
@@ -200,7 +203,8 @@ def make_engine(kind: str, module: torch.nn.Module, spec, layer_module: torch.nn
                       calib_cells=cfg.calib_cells_per_tile, output_activation=cfg.output_activation)
     return Engine(module, spec, layer_module, device, relu=cfg.relu, concepts=concepts,
                   output_activation=cfg.output_activation,
-                  gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target)
+                  gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target,
+                  importance_output=cfg.explain_output if cfg.importance else None)
 
 
 def _concepts_k(engine: Engine) -> int:
@@ -308,6 +312,8 @@ def _full_arrays(acc: _SlideFull, layer: LayerInfo, k: int) -> dict:
     sq_resid = np.concatenate(p["sq_resid"]) if p["sq_resid"] else np.zeros(0)
     sq_norm = np.concatenate(p["sq_norm"]) if p["sq_norm"] else np.zeros(0)
     soft, hard = acc.canvas.finish()
+    cell_tissue = cell_tissue_fraction(plan.mask, plan.mask_downsample, acc.canvas.cell_l0, hard.shape)
+    soft, hard, concept_cells = mask_glass(soft, hard, cell_tissue, k)  # no concept on glass (cellmask.py)
     arrays = {
         "coords": plan.coords.astype(np.int64),
         "tissue_frac": plan.tissue_frac.astype(np.float32),
@@ -322,9 +328,14 @@ def _full_arrays(acc: _SlideFull, layer: LayerInfo, k: int) -> dict:
         "tissue": plan.mask.astype(bool),
         "soft": soft,
         "hard": hard,
+        "cell_tissue": cell_tissue.astype(np.float16),
+        "concept_cells": concept_cells,
     }
     if p["probs"]:
         arrays["probs"] = _cat(p["probs"], n_out, np.float32)
+    if p["importance"]:  # --importance (intervention.py)
+        arrays["importance"] = _cat(p["importance"], k, np.float32)
+        arrays["deletion"] = _cat(p["deletion"], k + 1, np.float32)
     if acc.cam_canvas is not None:
         arrays["gradcam"] = acc.cam_canvas.finish()[0][0]
         arrays["gradcam_r"] = _cat(acc.cam_r, k, np.float32)

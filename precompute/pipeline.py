@@ -25,8 +25,8 @@ from .activations import (Concepts, cell_layout, choose_output_activation, compu
 from .assemble import build_atlas
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
-from .concepts import (CONCEPTS_FILE, concepts_from_atlas, concepts_sha, fit_concepts, load_concepts,
-                       pool_cells, save_concepts)
+from .concepts import (CONCEPTS_FILE, auto_cells_per_tile, concepts_from_atlas, concepts_sha, fit_concepts,
+                       load_concepts, pool_cells, save_concepts)
 from .config import RunConfig
 from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
@@ -115,7 +115,12 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     out_index, out_name = resolve_output(explain, list(loaded.spec.class_names or []), n_out)
     if cfg.gradcam and out_index is None:
         raise ConfigError("--gradcam needs the output to explain: pass --explain NAME_OR_INDEX.")
+    if cfg.importance and out_index is None:
+        raise ConfigError("--importance needs the output to explain: pass --explain NAME_OR_INDEX.")
     target = cfg.target or default_target(activation, n_out)
+    if not cfg.calib_cells_per_tile:  # --calib-cells not given: all cells of a tile while they fit the cap
+        cfg = dataclasses.replace(cfg, calib_cells_per_tile=auto_cells_per_tile(
+            h * w, len(records), cfg.calib_tiles_per_slide, cfg.calib_max_cells))
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device),
                               output_activation=activation)

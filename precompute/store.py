@@ -338,6 +338,11 @@ class AtlasWriter:
         """A slide-table column of the slides added so far."""
         return [r[name] for r in self.slide_rows]
 
+    def slide_map(self, index: int, name: str) -> np.ndarray | None:
+        """Read back one map of slide `index` written so far (e.g. gradcam, soft, hard); None when absent."""
+        key = f"slide_maps/{index}/{name}"
+        return self.f[key][()] if key in self.f else None
+
     # -- finishing ----------------------------------------------------------------------
     def _write_slide_table(self) -> None:
         g = self.f.create_group("slides")
@@ -782,6 +787,11 @@ class Atlas:
             check_slide_maps(self.f, self.path, int(index), self.k, has_tiles)
             g = self.f[key]
             return SlideMaps({n: g[n][()] for n in g}, _plain_attrs(g.attrs))
+
+    def slide_map(self, index: int, name: str) -> np.ndarray | None:
+        """One map of slide `index` (e.g. concept_cells), without reading the others; None when absent."""
+        key = f"slide_maps/{index}/{name}"
+        return self.f[key][()] if key in self.f else None
 
     # -- tiles --------------------------------------------------------------------------
     def tile_names(self) -> list[str]:

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy.optimize import nnls
+from scipy.special import logsumexp
 from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
@@ -56,7 +57,8 @@ def atlas_path(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real(atlas_path) -> dict:
-    """The atlas's tile table with per-tile patient ids and the explained output (TUM logit)."""
+    """The atlas's tile table with per-tile patient ids and the explained output: the TUM logit, and the
+    one-vs-rest TUM log-odds (the default target of this softmax head)."""
     with Atlas(atlas_path) as atlas:
         t = atlas.tiles(["slide", "x", "y", "weights", "outputs", "probs", "embedding", "nmf_cluster"])
         slides = atlas.slides()
@@ -65,7 +67,10 @@ def real(atlas_path) -> dict:
         soft = [atlas.slide_maps(i)["soft"] for i in range(atlas.n_slides)]
     tum = names.index("TUM")
     return {**t, "names": names, "H": H, "soft": soft, "slides": slides, "tum": tum,
-            "logit": t["outputs"][:, tum].astype(np.float64), "groups": slides["patient"][t["slide"]],
+            "logit": t["outputs"][:, tum].astype(np.float64),
+            "log_odds": t["outputs"][:, tum].astype(np.float64) - logsumexp(np.delete(t["outputs"].astype(np.float64),
+                                                                                     tum, axis=1), axis=1),
+            "groups": slides["patient"][t["slide"]],
             "W": t["weights"].astype(np.float64)}
 
 
@@ -343,8 +348,8 @@ def test_report_without_fidelity_group_computes_the_regression(real, atlas_witho
     with Atlas(atlas_without_fidelity) as atlas:
         assert fidelity_from_atlas(atlas) == {}
     d = report_dict(atlas_without_fidelity)
-    ref = output_regression(real["W"], real["logit"], real["groups"])
-    assert d["source"] == "computed"
+    ref = output_regression(real["W"], real["log_odds"], real["groups"])
+    assert d["source"] == "computed" and d["target"] == "log-odds"
     assert d["output"] == {"index": 8, "name": "TUM"}
     assert d["grouping"] == "patient" and not d["gradcam"] and d["k_grid"] == []
     assert d["regression"]["r2"] == pytest.approx(ref["r2"], abs=1e-12)
@@ -357,9 +362,10 @@ def test_report_without_fidelity_group_computes_the_regression(real, atlas_witho
         assert c["direction"] == ("pushes the output up" if b > 0 else "pushes the output down")
 
     text = format_report(d)
-    assert "computed now" in text and "TUM (index 8)" in text
+    assert "computed now" in text and "TUM (output index 8" in text
     assert "run with --gradcam to compute it" in text
-    assert f"in-sample {ref['r2']:.3f}, cross-validated {ref['r2_cv']:.3f} (4 folds" in text
+    assert f"in-sample {ref['r2']:.3f};" in text and f"one fixed assignment gives {ref['r2_cv']:.3f}" in text
+    assert "(4 folds" in text
     assert "one patient kept together, 4 patients" in text
     assert "NMF relative reconstruction error" in text
 
@@ -401,7 +407,7 @@ def test_report_reads_stored_fidelity_with_gradcam(real, model_tiles, atlas_with
 def test_report_of_a_run_matches_an_independent_regression(real, atlas_path):
     """`precompute run` stores the TUM regression of the demo model; `report` shows the same numbers."""
     d = report_dict(atlas_path)
-    ref = output_regression(real["W"], real["logit"], real["groups"])
+    ref = output_regression(real["W"], real["log_odds"], real["groups"])
     assert d["source"] == "atlas" and d["output"]["name"] == "TUM"
     assert d["regression"]["r2"] == pytest.approx(ref["r2"], abs=1e-9)
     assert d["regression"]["r2_cv"] == pytest.approx(ref["r2_cv"], abs=1e-9)

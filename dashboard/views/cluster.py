@@ -18,7 +18,7 @@ from .. import naming, overlay, state, ui
 from ..colors import concept_color, concept_label, diagnosis_colors, legend_html
 from ..data import AtlasData
 from ..enrichment import slide_shares
-from ..fidelity import NOT_COMPUTED_CAM, FidelityError, direction, fmt, fmt_cam, report
+from ..fidelity import NOT_COMPUTED_CAM, FidelityError, direction, fmt, fmt_cam, glass_flags, glass_warning, report
 
 N_TYPICAL = 24
 N_PROTOTYPES = 16
@@ -43,6 +43,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     members = np.flatnonzero(tile_ok & (data.nmf == k))
     _metrics(data, k, slide_ok, tile_ok, members)
     _fidelity(data, k)
+    _on_glass(data, k)
 
     left, right = st.columns(2)
     with left:
@@ -72,6 +73,13 @@ def _metrics(data, k, slide_ok, tile_ok, members) -> None:
     c[1].metric("Share of all concept weight", f"{w[:, k].sum() / total:.1%}" if total > 0 else "–")
     c[2].metric("Slides with it", f"{present} / {n_ok}", help="Slides where it dominates at least one tile")
     c[3].metric("Prototypes", int((data.protos.get("cluster", np.zeros(0)) == k).sum()))
+
+
+def _on_glass(data, k) -> None:
+    """A warning when the concept sits mostly on glass or tissue edges (see precompute/cellmask.py)."""
+    flags = glass_flags(data)
+    if k < len(flags) and glass_warning(flags[k]):
+        st.warning(glass_warning(flags[k]), icon=":material/warning:")
 
 
 def _fidelity(data, k) -> None:

@@ -18,8 +18,9 @@ import streamlit as st
 from .. import ui
 from ..colors import concept_label
 from ..data import AtlasData
-from ..fidelity import (DOWN, GRID_MEASURES, NOT_COMPUTED_CAM, UP, FidelityError, cam_long, cam_table, concept_table,
-                        fmt, grid_long, grid_table, how_chosen, regression_table, report)
+from ..fidelity import (AGREEMENT_MEASURES, DOWN, GRID_MEASURES, NOT_COMPUTED_CAM, UP, FidelityError, agreement_long,
+                        cam_long, cam_table, concept_table, cv_band, fmt, grid_long, grid_table, how_chosen,
+                        regression_table, report)
 
 TARGET_HELP = ("What of the output is explained: log-odds (one-vs-rest log(p / (1 - p))), logit (raw score) or "
                "contrast (logit minus the mean of the other logits). Chosen with --target when the atlas was computed.")
@@ -82,6 +83,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     _output(data, rep)
     _regression(rep)
     _coefficients(data, rep)
+    _importance(data, rep)
     _gradcam(data, rep)
     _k_grid(rep)
 
@@ -114,6 +116,11 @@ def _regression(rep: dict) -> None:
                 help=f"Cross-validation rounds; all tiles of one {grouping} stay in the same round.")
     c[3].metric(f"{grouping.capitalize()}s", fmt(reg["n_groups"], "d"),
                 help=f"Groups in the cross-validation: tiles of one {grouping} are never split between fit and test.")
+    if reg.get("r2_cv_median") is not None:
+        st.metric(f"R² cross-validated, median of {reg.get('n_repeats', '')} shuffles", fmt(reg["r2_cv_median"]),
+                  cv_band(reg), delta_color="off", delta_arrow="off",
+                  help=f"The cross-validation repeated with whole {grouping}s dealt to folds at random: the median "
+                       f"and the 5–95 % band show how much one assignment of {grouping}s to folds can change it.")
     r2, r2_cv = reg["r2"], reg["r2_cv"]
     words = []
     if r2 is not None:
@@ -200,6 +207,7 @@ def _gradcam(data: AtlasData, rep: dict) -> None:
         st.info(f"{NOT_COMPUTED_CAM} (with `--explain NAME`) to see, per concept, how its map lines up with where "
                 "the model looks.", icon=":material/info:")
         return
+    _agreement(data, rep)
     long = cam_long(rep)
     labels = [concept_label(j) for j in range(data.k)]
     base = alt.Chart(long, title="GradCAM r per concept: mean ± standard deviation over tiles "
@@ -235,6 +243,71 @@ def _gradcam(data: AtlasData, rep: dict) -> None:
         "r_std_positive": st.column_config.NumberColumn("std", format="%.3f"),
         "n_positive": st.column_config.NumberColumn("n positive")})
     ui.csv_button(table, f"fidelity-gradcam-{rep['output']['name']}", key="dl_fid_cam")
+
+
+def _importance(data: AtlasData, rep: dict) -> None:
+    """Concept importance by removal (--importance), beside the regression coefficients."""
+    imp = rep.get("importance") or {}
+    if not imp:
+        return
+    st.subheader("What happens when a concept is removed (importance by intervention)")
+    labels = [concept_label(j) for j in range(data.k)]
+    df = pd.DataFrame([{"concept": concept_label(c["cluster"] - 1), "importance": c.get("importance"),
+                        "lo": c.get("importance_lo"), "hi": c.get("importance_hi"), "coef": c.get("coef")}
+                       for c in rep["clusters"]])
+    base = alt.Chart(df.dropna(subset=["importance"]), title=f"Drop of the {rep.get('target', 'logit')} when the "
+                     "concept is removed (mean, 95 % interval)")
+    y = alt.Y("concept:N", sort=labels, title=None)
+    tip = ["concept", alt.Tooltip("importance:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f"),
+           alt.Tooltip("hi:Q", format="+.3f"), alt.Tooltip("coef:Q", format="+.4g", title="regression coefficient")]
+    bars = base.mark_bar().encode(y=y, x=alt.X("importance:Q", title="← lowers · drop of the target · supports →"),
+                                  color=alt.Color("concept:N", scale=ui.concept_scale(data.k), legend=None),
+                                  tooltip=tip)
+    ci = base.mark_rule(color="black", strokeWidth=2).encode(y=y, x="lo:Q", x2="hi:Q", tooltip=tip)
+    curve = pd.DataFrame({"removed": list(range(len(imp["deletion"][0]))), "target": imp["deletion"][0]})
+    left, right = st.columns(2)
+    with left:
+        ui.chart((bars + ci).properties(height=ui.rows_height(data.k)))
+    with right:
+        ui.chart(alt.Chart(curve, title="Deletion curve: concepts removed, most important first").mark_line(
+            point=True, strokeWidth=3, color="#333").encode(
+            x=alt.X("removed:Q", title="concepts removed", axis=alt.Axis(format="d")),
+            y=alt.Y("target:Q", title=f"mean {rep.get('target', 'logit')}", scale=alt.Scale(zero=False)),
+            tooltip=["removed", alt.Tooltip("target:Q", format="+.3f")]).properties(height=ui.rows_height(data.k)))
+    st.caption("Each concept's part of the hooked layer's activations is taken out of every cell and the rest of "
+               "the network runs on what is left: the bar is how much the explained score drops on average (a "
+               "causal measure, unlike the coefficients above). Intervals: bootstrap over "
+               f"{imp.get('unit')}s. The curve removes each tile's concepts one by one, most important first.")
+    ui.csv_button(df, f"fidelity-importance-{rep['output']['name']}", key="dl_fid_imp")
+
+
+def _agreement(data: AtlasData, rep: dict) -> None:
+    """Pooled r with 95 % bootstrap intervals, and the counts of tiles used for per-tile r."""
+    a = rep.get("agreement") or {}
+    long = agreement_long(rep)
+    if not a or long.empty:
+        return
+    labels = [concept_label(j) for j in range(data.k)]
+    order = list(AGREEMENT_MEASURES.values())
+    base = alt.Chart(long.dropna(subset=["r"]), title=f"Agreement with GradCAM of the {rep.get('target', 'logit')} "
+                     "(Pearson r, 95 % interval)")
+    y = alt.Y("concept:N", sort=labels, title=None)
+    off = alt.YOffset("measure:N", sort=order)
+    tip = ["concept", "measure", alt.Tooltip("r:Q", format="+.3f"), alt.Tooltip("lo:Q", format="+.3f"),
+           alt.Tooltip("hi:Q", format="+.3f")]
+    dots = base.mark_point(filled=True, size=70).encode(
+        y=y, yOffset=off, x=alt.X("r:Q", title="r (-1 to 1)", scale=alt.Scale(domain=[-1, 1])),
+        shape=alt.Shape("measure:N", sort=order, title=None, legend=alt.Legend(orient="top", columns=2)),
+        color=alt.Color("concept:N", scale=ui.concept_scale(data.k), legend=None), tooltip=tip)
+    bars = base.mark_rule(color="black").encode(y=y, yOffset=off, x="lo:Q", x2="hi:Q", tooltip=tip)
+    zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(color="black").encode(x="x:Q")
+    ui.chart((bars + dots + zero).properties(height=ui.rows_height(data.k, per=70, extra=170)))
+    st.caption(f"Pooled: one r over the {a.get('n_cells')} tissue cells of the cohort (and over the "
+               f"{a.get('n_pos_cells')} cells of the {a.get('n_pos_tiles')} positive tiles). Per-tile r only on "
+               f"tiles whose GradCAM is non-zero on at least {a.get('min_cam_cells')} cells: "
+               f"{a.get('n_tiles_used')} of {a.get('n_tiles')} tiles used, {a.get('n_tiles_excluded')} excluded. "
+               f"Intervals: bootstrap over {a.get('n_units')} {a.get('unit')}s ({a.get('n_boot')} draws).")
+    ui.csv_button(long, f"fidelity-agreement-{rep['output']['name']}", key="dl_fid_agree")
 
 
 def _k_grid(rep: dict) -> None:
@@ -277,9 +350,12 @@ def _k_grid(rep: dict) -> None:
                                                                               range=[[1, 0], [6, 3], [1, 0], [6, 3]])),
             tooltip=tip)
         ui.chart((lines + rule + label).properties(height=360))
-    st.caption("Computed by the run on its calibration sample of cells, for each K: NMF concepts against k-means "
-               "clusters. The R² here uses an approximation of the tile weights, so it need not equal the R² above "
-               "exactly; compare the shapes of the curves. A K past which the cross-validated R² stops rising "
+    info = rep.get("k_grid_info") or {}
+    where = f" ({info['n_cells']:,} cells of {info['n_tiles']:,} whole tiles)" if info.get("n_cells") else ""
+    st.caption(f"Computed by the run on its calibration cells{where}, for each K: NMF concepts against k-means "
+               "clusters fitted on the same cells. Tile features: NMF, the summed cell weights; k-means, the number "
+               "of the tile's cells in each cluster (as in the method's paper). Cross-validated R²: median over "
+               "random assignments of whole groups to folds. A K past which the cross-validated R² stops rising "
                "explains the model about as well with fewer, easier-to-review concepts.")
     table = grid_table(rep)
     st.dataframe(table, hide_index=True, width="stretch", column_config={
