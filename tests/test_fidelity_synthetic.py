@@ -399,3 +399,17 @@ def test_importance_by_removal_matches_the_closed_form_of_a_linear_head(tiny_atl
         assert c["importance"] == pytest.approx(expected[:, k].mean(), abs=5e-3)
         assert c["importance_lo"] <= c["importance"] <= c["importance_hi"]
     assert "Importance by removal" in format_report(rep)
+
+
+def test_concept_page_warns_about_concepts_on_glass(tiny_atlas, monkeypatch):
+    """The concept drill-down warns exactly for the concepts `inspect` flags as mostly on glass or edges."""
+    from dashboard_fixtures import run_app
+
+    from precompute.atlas_summary import summarise
+
+    rows = summarise(tiny_atlas)["clusters"]["nmf"]
+    for row in rows:
+        at = run_app(tiny_atlas, monkeypatch, lambda at: None, page="cluster", cluster=str(row["cluster"]))
+        warned = any("Mostly on glass or tissue edges" in w.value for w in at.warning)
+        assert warned == row["on_glass_or_edges"], row
+    assert any(r["on_glass_or_edges"] for r in rows) and not all(r["on_glass_or_edges"] for r in rows)
