@@ -160,7 +160,7 @@ def test_page_with_stored_fidelity_and_gradcam(fid_atlas, monkeypatch):
     table = at.dataframe[1].value
     same(table["coef"], [c["coef"] for c in rep["clusters"]])
     # GradCAM: mean ± std per concept, all tiles then positive tiles
-    cam = table_with(at, "lo")
+    cam = table_with(at, "std")
     for c in rep["clusters"]:
         rows = cam[cam["concept"] == f"C{c['cluster']}"].set_index("tiles")
         same(rows.loc[["all tiles", "positive tiles"], "mean"], [c["cam_r_mean"], c["cam_r_pos_mean"]])
