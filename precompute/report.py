@@ -50,18 +50,59 @@ def _tile_groups(atlas: Atlas, slide_of_tile: np.ndarray) -> tuple[np.ndarray, s
     return np.asarray(slide_of_tile, dtype=np.int64), "slide"
 
 
+def _computed(names: list[str], outputs: np.ndarray, weights: np.ndarray, groups: np.ndarray, config: dict
+              ) -> tuple[int, str, str, np.ndarray, dict]:
+    """The regression of an atlas without fidelity results: (index, name, target, coef, regression dict)."""
+    try:
+        index, name = choose_output(names, False, DEFAULT_OUTPUT)
+    except ValueError:
+        index, name = 0, names[0] if names else "output 0"
+    outputs = np.asarray(outputs, dtype=np.float64)
+    activation = str(config.get("output_activation", "auto"))
+    target = check_target(config.get("target")) or default_target(activation, outputs.shape[1])
+    y = target_values(outputs, index, target, activation)
+    res = output_regression(weights, y, groups)
+    rcv = repeated_group_cv(weights, y, groups)
+    reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
+           "n_groups": res["n_groups"], "n_tiles": res["n_tiles"], "intercept": _num(res["intercept"]),
+           "note": res["note"], **{key: _num(rcv[key]) for key in CV_KEYS}, "n_repeats": rcv["n_repeats"]}
+    return index, name, target, res["coef"], reg
+
+
+def _cluster_row(c: int, coef: np.ndarray, sd: float, dominant: np.ndarray, cam: dict, agreement: dict,
+                 importance: dict) -> dict[str, Any]:
+    """One concept's row of report_dict()['clusters'] (cam: the fidelity group when GradCAM was computed)."""
+    b = float(coef[c]) if c < len(coef) else float("nan")
+    row = {"cluster": c + 1, "tiles": int((dominant == c).sum()),
+           "share": float((dominant == c).mean()) if len(dominant) else 0.0,
+           "coef": _num(b), "effect_sd": _num(b * sd),
+           "direction": "pushes the output up" if b > 0 else "pushes the output down" if b < 0 else "no effect"}
+    if cam:
+        row.update({key: _num(np.asarray(cam[key])[c]) for key in CAM_KEYS})
+    row.update({key: _num(np.asarray(agreement[key])[c]) for key in AGREE_KEYS if key in agreement})
+    if importance:
+        row.update({f"importance{sfx}": _num(np.asarray(importance[key])[c])
+                    for key, sfx in (("mean", ""), ("lo", "_lo"), ("hi", "_hi"))})
+        row["importance_by_diagnosis"] = {
+            str(d): [_num(np.asarray(importance[f"by_diagnosis_{m}"])[i, c]) for m in ("mean", "lo", "hi")]
+            for i, d in enumerate(importance.get("diagnoses", []))}
+    return row
+
+
 def report_dict(path: str | Path) -> dict[str, Any]:
     """Everything `report` shows, as plain values (None where a number is undefined or not stored).
 
     Keys: file, n_tiles, n_slides, k, source ("atlas": stored by the run; "computed": the regression
     was computed now because the atlas has no fidelity results), notes (list of str), output
-    {index, name}, target (logit | log-odds | contrast), target_text (in words), threshold, grouping, gradcam (bool), regression {r2, r2_cv, n_folds, n_groups,
+    {index, name}, target (logit | log-odds | contrast), target_text (in words), threshold, grouping,
+    gradcam (bool), regression {r2, r2_cv, r2_cv_median, r2_cv_p5, r2_cv_p95, n_repeats, n_folds, n_groups,
     n_tiles, intercept, note}, clusters (one dict per concept: cluster (1-based), tiles (dominant
     concept), share, coef, effect_sd (coef x std of the weight over tiles), direction, cam_* (K,)
     values when GradCAM was computed, pooled_r* / tile_r_mean* with _lo/_hi 95 % bootstrap bounds when the
     atlas stores the agreement, importance with _lo/_hi and importance_by_diagnosis {diagnosis: [mean, lo, hi]}
     with --importance), agreement (counts: cells, tiles used / excluded, bootstrap unit), importance
-    ({deletion: [mean, lo, hi] curves (K + 1,), unit, diagnoses} or {}), k_grid (list of rows, [] when absent), nmf_relative_error.
+    ({deletion: [mean, lo, hi] curves (K + 1,), unit, diagnoses} or {}), k_grid (list of rows, [] when
+    absent), k_grid_info (n_cells, n_tiles, features), nmf_relative_error.
     """
     with Atlas(path) as atlas:
         names = atlas.output_names
@@ -96,20 +137,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         k_grid_info = fid.get("k_grid_attrs") or {}
     else:
         source = "computed"
-        try:
-            index, name = choose_output(names, False, DEFAULT_OUTPUT)
-        except ValueError:
-            index, name = 0, names[0] if names else "output 0"
-        outputs = np.asarray(t["outputs"], dtype=np.float64)
-        activation = str(config.get("output_activation", "auto"))
-        target = check_target(config.get("target")) or default_target(activation, outputs.shape[1])
-        y = target_values(outputs, index, target, activation)
-        res = output_regression(weights, y, groups)
-        rcv = repeated_group_cv(weights, y, groups)
-        coef = res["coef"]
-        reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
-               "n_groups": res["n_groups"], "n_tiles": res["n_tiles"], "intercept": _num(res["intercept"]),
-               "note": res["note"], **{key: _num(rcv[key]) for key in CV_KEYS}, "n_repeats": rcv["n_repeats"]}
+        index, name, target, coef, reg = _computed(names, t["outputs"], weights, groups, config)
         threshold, gradcam, k_grid, agreement, k_grid_info, importance = None, False, {}, {}, {}, {}
         notes.append(f"this atlas stores no fidelity results: the output regression was computed now from the "
                      f"tile table, explaining output {name!r} (index {index}; {DEFAULT_OUTPUT!r} when the model "
@@ -121,23 +149,8 @@ def report_dict(path: str | Path) -> dict[str, Any]:
 
     dominant = np.asarray(t["nmf_cluster"])
     sd = weights.std(axis=0)
-    clusters = []
-    for c in range(k):
-        b = float(coef[c]) if c < len(coef) else float("nan")
-        row = {"cluster": c + 1, "tiles": int((dominant == c).sum()),
-               "share": float((dominant == c).mean()) if n_tiles else 0.0,
-               "coef": _num(b), "effect_sd": _num(b * float(sd[c])),
-               "direction": "pushes the output up" if b > 0 else "pushes the output down" if b < 0 else "no effect"}
-        if gradcam:
-            row.update({key: _num(np.asarray(fid[key])[c]) for key in CAM_KEYS})
-        row.update({key: _num(np.asarray(agreement[key])[c]) for key in AGREE_KEYS if key in agreement})
-        if importance:
-            row.update({f"importance{sfx}": _num(np.asarray(importance[key])[c])
-                        for key, sfx in (("mean", ""), ("lo", "_lo"), ("hi", "_hi"))})
-            row["importance_by_diagnosis"] = {
-                str(d): [_num(np.asarray(importance[f"by_diagnosis_{m}"])[i, c]) for m in ("mean", "lo", "hi")]
-                for i, d in enumerate(importance.get("diagnoses", []))}
-        clusters.append(row)
+    clusters = [_cluster_row(c, coef, float(sd[c]), dominant, fid if gradcam else {}, agreement, importance)
+                for c in range(k)]
     grid_rows = []
     if k_grid and "ks" in k_grid:
         for i, kk in enumerate(np.asarray(k_grid["ks"])):
@@ -152,9 +165,8 @@ def report_dict(path: str | Path) -> dict[str, Any]:
                       for key in AGREE_ATTRS if key in agreement}, "clusters": clusters, "k_grid": grid_rows,
         "nmf_relative_error": _num(nmf_err),
         "importance": ({"deletion": [[_num(v) for v in np.asarray(importance[f"deletion_{m}"])]
-                                     for m in ("mean", "lo", "hi")],
-                        "unit": str(importance.get("unit", "")), "diagnoses": list(importance.get("diagnoses", []))}
-                       if importance else {}),
+                                     for m in ("mean", "lo", "hi")], "unit": str(importance.get("unit", "")),
+                        "diagnoses": list(importance.get("diagnoses", []))} if importance else {}),
         "k_grid_info": {key: _num(v) if key != "features" else str(v) for key, v in k_grid_info.items()},
     }
 
