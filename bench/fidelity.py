@@ -97,10 +97,11 @@ def row(name: str, layer: str, k: int, f: dict) -> str:
     rep, a, reg = f["rep"], f["rep"]["agreement"], f["rep"]["regression"]
     grid = next((g for g in rep["k_grid"] if g["k"] == k), {})
     g = lambda key: "n/a" if grid.get(key) is None else f"{grid[key]:.3f}"  # noqa: E731
+    n = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 (one slide: no cross-validation)
     return (f"| {name} | {layer} | {k} | {rep['target']} | {rep['n_tiles']} | {f['cam_any']} | "
             f"{a['n_tiles_used']} | C{f['best']['cluster']} {_r(f['best'], 'pooled_r')} | "
-            f"C{f['top']['cluster']} {_r(f['top'], 'pooled_r')} | {reg['r2']:.3f} | "
-            f"{reg['r2_cv_median']:.3f} [{reg['r2_cv_p5']:.3f}, {reg['r2_cv_p95']:.3f}] | "
+            f"C{f['top']['cluster']} {_r(f['top'], 'pooled_r')} | {n(reg['r2'])} | "
+            f"{n(reg['r2_cv_median'])} [{n(reg['r2_cv_p5'])}, {n(reg['r2_cv_p95'])}] | "
             f"{g('nmf_r2_cv')} / {g('kmeans_r2_cv')} | {f['ari_nmf']:.3f} / {f['ari_kmeans']:.3f} |")
 
 
