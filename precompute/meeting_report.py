@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from dashboard import overlay
 from dashboard.colors import concept_color
@@ -269,9 +269,9 @@ def draw_scale_bar(img: Image.Image, um_per_px: float) -> Image.Image:
     """Draw a scale bar (about a fifth of the width, a round number of um or mm) at the bottom left."""
     length_um = nice_length(img.width * 0.2 * um_per_px)
     bar = max(1, round(length_um / um_per_px))
-    text = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} um"  # the default font has no µ
+    font, has_mu = overlay._font(14)  # the dashboard viewer's font: DejaVu when present (Pillow's has no µ)
+    text = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} {'µm' if has_mu else 'um'}"
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=14)
     tw = draw.textlength(text, font=font)
     x0, y1 = 8, img.height - 8
     draw.rectangle([x0 - 4, y1 - 30, x0 + max(bar, tw) + 4, y1 + 4], fill="white")
