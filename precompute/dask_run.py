@@ -48,6 +48,11 @@ def check_dask_option(text: str) -> str:
                      "a scheduler address such as tcp://10.0.0.5:8786 or a scheduler file (*.json).")
 
 
+class WorkerSetupError(ValueError):
+    """A worker cannot compute parts that match the client's (other weights, other device): the run
+    stops with this message (exit code 2) instead of mixing parts."""
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """sha256 (16 hex) of every parameter and buffer: the same weights give the same fingerprint."""
     h = hashlib.sha256()
@@ -78,8 +83,10 @@ class _WorkerModel:
         loaded = load_model(ref.source, arch=ref.arch)
         got = weights_fingerprint(loaded.module)
         if got != ref.fingerprint:
-            raise RuntimeError(f"this worker loaded {ref.source!r} with weights {got}, the client has "
-                               f"{ref.fingerprint}: give every node the same model file (same path, same content).")
+            raise WorkerSetupError(f"a Dask worker loaded {ref.source!r} with weights {got}, the client has "
+                                   f"{ref.fingerprint}: give every node the same model file (same path, same "
+                                   "content); a model factory must build the same weights at every call (seed it "
+                                   "or load saved weights).")
         self.module = loaded.module
         self.spec = ref.spec
         self.device = pick_device(device_name)
@@ -105,7 +112,7 @@ def slide_task(kind: str, job: SlideJob, ref: ModelRef, cfg: RunConfig, layer: L
     wm = _worker_model(ref, cfg.device)
     here = compute_signature(wm.device)
     if here != cfg.compute:
-        raise RuntimeError(f"this worker computes in {here}, the run's parts are {cfg.compute}: a run needs "
+        raise WorkerSetupError(f"a Dask worker computes in {here}, the run's parts are {cfg.compute}: a run needs "
                            "identical workers (same device type and precision).")
     concepts = _aligned(concepts)
     with wm.lock:
