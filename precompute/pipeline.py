@@ -23,6 +23,7 @@ from . import __version__
 from .activations import (Concepts, cell_layout, choose_output_activation, compute_signature, dry_outputs,
                           pick_device, resolve_output)
 from .assemble import build_atlas
+from .cells import CellLayout
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
 from .concepts import (CONCEPTS_FILE, auto_cells_per_tile, concepts_from_atlas, concepts_sha, fit_concepts,
@@ -91,21 +92,29 @@ def check_geometry(cfg: RunConfig, layer: LayerInfo) -> None:
                           f"{2 * cfg.edge_cells * cell} px (tile {cfg.tile_px}, stride {cfg.stride_px}).")
 
 
-def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
-        concepts_from: Path | None = None, explain: str | None = None, say: Callable[[str], None] = print,
-        progress: PassProgress | None = None, command_line: str = "", dask: str | None = None) -> RunSummary:
-    """Run the whole job. Raises ConfigError before any slide is read when settings cannot work.
+@dataclass
+class Setup:
+    """What a run resolves from the model and the settings before any slide is read."""
 
-    dask: None runs the passes in this process; 'local:N' or a scheduler address runs them as one task
-    per slide on Dask workers (see dask_run.py). Either way the parts, the NMF fit and the atlas are
-    made here, and the atlas is the same."""
-    t0 = time.perf_counter()
+    cfg: RunConfig
+    layer_mod: torch.nn.Module
+    layout: CellLayout      # how the hooked output maps onto a (C, h, w) cell grid
+    raw_shape: tuple
+    layer: LayerInfo
+    out_index: int | None
+    out_name: str | None
+    device: torch.device
+
+
+def prepare(cfg: RunConfig, n_slides: int, loaded: LoadedModel, explain: str | None,
+            say: Callable[[str], None]) -> Setup:
+    """Check the geometry and resolve the explained output, target, cell sample and device (ConfigError)."""
     layer_mod = find_layer(loaded.module, cfg.layer)
     layout, raw_shape = cell_layout(loaded.module, layer_mod, cfg.tile_px)
-    c, h, w = layout.channels, layout.h, layout.w
+    h, w = layout.h, layout.w
     if layout.kind != "nchw":
         say(f"note: layer {escape(cfg.layer)} gives {layout.describe(raw_shape)}")
-    layer = LayerInfo(c, h, w, cfg.tile_px)
+    layer = LayerInfo(layout.channels, h, w, cfg.tile_px)
     check_geometry(cfg, layer)
     dry = dry_outputs(loaded.module, cfg.tile_px)
     n_out = int(dry.shape[1])
@@ -120,166 +129,256 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
     target = cfg.target or default_target(activation, n_out)
     if not cfg.calib_cells_per_tile:  # --calib-cells not given: all cells of a tile while they fit the cap
         cfg = dataclasses.replace(cfg, calib_cells_per_tile=auto_cells_per_tile(
-            h * w, len(records), cfg.calib_tiles_per_slide, cfg.calib_max_cells))
+            h * w, n_slides, cfg.calib_tiles_per_slide, cfg.calib_max_cells))
     device = pick_device(cfg.device)
     cfg = dataclasses.replace(cfg, explain_output=out_index, target=target, compute=compute_signature(device),
                               output_activation=activation)
-    torch.manual_seed(cfg.seed)
+    return Setup(cfg, layer_mod, layout, raw_shape, layer, out_index, out_name, device)
 
-    wd = work_dir(out)
-    calib_dir, slides_dir = wd / "calibration", wd / "slides"
-    for d in (wd, calib_dir, slides_dir):
-        d.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(d)
-    log = RunLog(out.with_name(out.name + ".log.jsonl"))
-    log.event("run_start", version=__version__, config=cfg.to_dict(), slides=len(records), device=str(device),
-              layer_shape=[c, h, w], command_line=command_line, dask=dask)
-    by_index = {i: r for i, r in enumerate(records)}
-    summary = RunSummary(atlas=None)
-    progress = progress or PassProgress(console=None, enabled=False)  # type: ignore[arg-type]
 
-    reasons_said: set[str] = set()
+@dataclass
+class Job:
+    """One run in progress: its settings, folders, log, progress and the summary it fills."""
 
-    def on_slide(slide_id: str, status: str, info: dict) -> None:
-        progress.slide_done()
-        log.event(f"slide_{status}", slide_id=slide_id, **info)
+    setup: Setup
+    records: list[SlideRecord]
+    loaded: LoadedModel
+    out: Path
+    say: Callable[[str], None]
+    progress: PassProgress
+    log: RunLog
+    summary: RunSummary = field(default_factory=lambda: RunSummary(atlas=None))
+    executor: object = None     # dask_run.DaskPasses when the passes run on Dask workers
+    reasons_said: set = field(default_factory=set)
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.setup.cfg
+
+    @functools.cached_property
+    def by_index(self) -> dict[int, SlideRecord]:
+        return dict(enumerate(self.records))
+
+    def folder(self, name: str) -> Path:
+        return work_dir(self.out) / name
+
+    def on_slide(self, slide_id: str, status: str, info: dict) -> None:
+        self.progress.slide_done()
+        self.log.event(f"slide_{status}", slide_id=slide_id, **info)
         for warning in info.get("warnings", []):
-            say(f"[yellow]warning[/] {escape(slide_id)}: {escape(str(warning))}")
+            self.say(f"[yellow]warning[/] {escape(slide_id)}: {escape(str(warning))}")
         reason = common_reason(slide_id, info.get("error", "")) if status == "failed" else ""
-        if reason and reason not in reasons_said:  # the same cause again is only counted (summary)
-            reasons_said.add(reason)
-            say(f"[red]failed[/] {escape(slide_id)}: {escape(str(info.get('error')))}")
+        if reason and reason not in self.reasons_said:  # the same cause again is only counted (summary)
+            self.reasons_said.add(reason)
+            self.say(f"[red]failed[/] {escape(slide_id)}: {escape(str(info.get('error')))}")
 
-    def one_pass(kind: str, todo: list[SlideJob], folder: Path, key: str, concepts: Concepts | None) -> PassStats:
-        if executor is not None:
-            return executor.run_pass(kind, todo, cfg, layer, folder, key, concepts,
-                                     on_tiles=progress.add_tiles, on_slide=on_slide)
-        engine = make_engine(kind, loaded.module, loaded.spec, layer_mod, device, cfg, concepts)
+    def one_pass(self, kind: str, todo: list[SlideJob], folder: Path, key: str,
+                 concepts: Concepts | None) -> PassStats:
+        """Run one pass over `todo` here or on the Dask workers; one part file per slide in `folder`."""
+        s, cfg = self.setup, self.cfg
+        if self.executor is not None:
+            return self.executor.run_pass(kind, todo, cfg, s.layer, folder, key, concepts,
+                                          on_tiles=self.progress.add_tiles, on_slide=self.on_slide)
+        engine = make_engine(kind, self.loaded.module, self.loaded.spec, s.layer_mod, s.device, cfg, concepts)
         try:
-            return run_pass(kind, todo, by_index, engine, cfg, layer, folder, key,
-                            on_tiles=progress.add_tiles, on_slide=on_slide)
+            return run_pass(kind, todo, self.by_index, engine, cfg, s.layer, folder, key,
+                            on_tiles=self.progress.add_tiles, on_slide=self.on_slide)
         finally:
             engine.close()
 
-    executor = None
+
+@dataclass
+class Calibration:
+    """The calibration pass's result: the parts that hold cells, and the slides that failed (by index)."""
+
+    stats: PassStats
+    paths: list[Path]
+    ok: list[Path]
+    failed: dict[int, str]
+
+
+def calibrate(job: Job) -> Calibration:
+    """Calibration pass: a seeded sample of tiles and cells per slide, one part file each."""
+    cfg, calib_dir = job.cfg, job.folder("calibration")
+    ckey = cfg.calibration_key()
+    paths = [calib_dir / part_name(i, r.slide_id) for i, r in job.by_index.items()]
+    todo = [SlideJob(i, r, sample_tiles=cfg.calib_tiles_per_slide) for i, r in job.by_index.items()
+            if not is_done(paths[i], ckey)]
+    job.say(f"calibration: {len(job.records) - len(todo)} slides reused, {len(todo)} to sample")
+    job.progress.start("calibration", len(todo))
+    st = job.one_pass("calibration", todo, calib_dir, ckey, None)
+    job.log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
+                  tiles=st.tiles)
+    ids = {r.slide_id: i for i, r in job.by_index.items()}
+    ok = [p for p in paths if (read_part_attrs(p) or {}).get("status") == "ok"]
+    return Calibration(st, paths, ok, {ids[slide_id]: error for slide_id, error in st.failures})
+
+
+def fit(job: Job, calib: Calibration) -> tuple[Concepts, dict] | None:
+    """NMF on the pooled calibration cells (reused when fitted before on the same parts); None: no cells."""
+    cfg = job.cfg
+    fit_key = cfg._key(("k", "seed", "nmf_max_iter", "calib_max_cells"),
+                       {"parts": [read_part_attrs(p)["key"] + p.name for p in calib.ok]})
+    cpath = work_dir(job.out) / CONCEPTS_FILE
+    if is_done(cpath, fit_key):
+        job.say("concepts: reused the fitted H")
+        return load_concepts(cpath)
+    V, vmin = pool_cells(calib.ok, cfg.calib_max_cells, cfg.seed)
+    if V.size == 0:
+        job.summary.failed = sum(1 for p in calib.paths if (read_part_attrs(p) or {}).get("status") == "failed")
+        job.summary.failures = calib.stats.failures
+        if job.summary.failed == len(job.records):
+            job.say("[red]every slide failed[/] (reasons below): nothing to cluster.")
+        else:
+            job.say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
+                    "(--min-tissue), the pixel size, and the slides themselves.")
+        job.log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
+        return None
+    if vmin < 0:
+        job.say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by "
+                "a low percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
+    job.say(f"fitting NMF (K={cfg.k}) on {len(V)} cells x {V.shape[1]} channels")
+    concepts, fit_facts = fit_concepts(V, cfg.k, cfg.seed, cfg.nmf_max_iter,
+                                       None if cfg.device == "auto" else cfg.device)
+    save_concepts(cpath, concepts, fit_key, fit_facts)
+    return concepts, fit_facts
+
+
+def full_pass(job: Job, concepts: Concepts, calib_failed: dict[int, str]) -> list[Path]:
+    """Every tissue tile once: embeddings, outputs, thumbnails and cell weights; returns the slide parts."""
+    skey = job.cfg.slide_key(concepts_sha(concepts))
+    slides_dir = job.folder("slides")
+    paths = [slides_dir / part_name(i, r.slide_id) for i, r in job.by_index.items()]
+    todo = [SlideJob(i, r) for i, r in job.by_index.items() if not is_done(paths[i], skey)]
+    job.summary.reused = len(job.records) - len(todo)
+    # A slide that could not be read for calibration just now would fail the same way again:
+    # record its reason without a second attempt (a later re-run retries it).
+    for sj in [j for j in todo if j.index in calib_failed]:
+        todo.remove(sj)
+        save_part(paths[sj.index], {}, {"key": skey, "status": "failed", "slide_id": sj.record.slide_id,
+                                        "path": str(sj.record.path), "error": calib_failed[sj.index]})
+    for i, r in job.by_index.items():
+        if is_done(paths[i], skey):
+            job.log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
+    job.say(f"full pass: {job.summary.reused} slides already done, {len(todo)} to process")
+    job.progress.start("full pass", len(todo))
+    st = job.one_pass("full", todo, slides_dir, skey, concepts)
+    job.log.event("pass_end", name="full", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed, tiles=st.tiles)
+    return paths
+
+
+def count_statuses(job: Job, slide_paths: list[Path]) -> None:
+    """Fill the summary's slide counts and failures from the full-pass parts."""
+    statuses = [(read_part_attrs(p) or {}) for p in slide_paths]
+    s = job.summary
+    s.ok = sum(a.get("status") == "ok" for a in statuses)
+    s.no_tissue = sum(a.get("status") == "no_tissue" for a in statuses)
+    s.failed = sum(a.get("status") == "failed" for a in statuses)
+    s.failures = [(r.slide_id, a.get("error", "")) for r, a in zip(job.records, statuses)
+                  if a.get("status") == "failed"]
+
+
+def atlas_root(job: Job, concepts: Concepts, fit_facts: dict, command_line: str) -> dict:
+    """Root attributes of the atlas: provenance, settings, layer geometry and the NMF fit."""
+    s, loaded = job.setup, job.loaded
+    return {
+        "tool": "lumen", "tool_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command_line": command_line or " ".join(sys.argv), "config": job.cfg.to_dict(),
+        "model_source": loaded.source, "model_sha256": loaded.sha256 or "", "layer": job.cfg.layer,
+        "layer_shape": [s.layer.channels, s.layer.h, s.layer.w], "cell_px": s.layer.cell_px,
+        "layer_layout": s.layout.kind, "prefix_tokens_dropped": s.layout.prefix, "k": concepts.H.shape[0],
+        "output_names": list(loaded.spec.class_names or []), "device": str(s.device),
+        "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
+    }
+
+
+def assemble(job: Job, concepts: Concepts, fit_facts: dict, slide_paths: list[Path],
+             calib_parts: list[Path], command_line: str) -> None:
+    """Write the atlas from the slide parts (and fidelity when an output is explained); fills the summary."""
+    cfg, s, summary = job.cfg, job.setup, job.summary
+    count_statuses(job, slide_paths)
+    if summary.ok == 0:
+        why = ("every slide failed (reasons below)" if summary.failed == len(job.records) else
+               f"{summary.no_tissue} slides without tissue tiles at --min-tissue {cfg.min_tissue:g} (the tissue "
+               "found is in the warnings above; lower --min-tissue, 0 keeps every tile)")
+        job.say(f"[red]no slide produced tiles[/]: no atlas written; {why}.")
+        job.log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no slide produced tiles")
+        return
+    root = atlas_root(job, concepts, fit_facts, command_line)
+    # The atlas holds about what the slide parts hold; a write that cannot fit is not started.
+    check_free_space(job.out, int(1.1 * sum(p.stat().st_size for p in slide_paths if p.exists())) + (1 << 20))
+    job.say("writing the atlas")
+    fidelity = None
+    if s.out_index is not None:
+        fidelity = functools.partial(write_fidelity, cfg=cfg, concepts=concepts, calib_parts=calib_parts,
+                                     output_index=s.out_index, output_name=s.out_name, say=job.say)
+    else:
+        job.say("note: no output to explain was chosen (--explain), so fidelity statistics are skipped")
+    facts = build_atlas(job.out, job.records, slide_paths, concepts, cfg, root, (s.layer.h, s.layer.w),
+                        job.say, fidelity)
+    summary.atlas, summary.tiles, summary.facts = job.out, facts["tiles"], facts
+
+
+def start_log(job_out: Path, setup: Setup, n_slides: int, command_line: str, dask: str | None) -> RunLog:
+    """Make the parts folders (removing temps of dead runs) and open the run log with run_start."""
+    for name in ("", "calibration", "slides"):
+        d = work_dir(job_out) / name
+        d.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(d)
+    log = RunLog(job_out.with_name(job_out.name + ".log.jsonl"))
+    log.event("run_start", version=__version__, config=setup.cfg.to_dict(), slides=n_slides,
+              device=str(setup.device), layer_shape=[setup.layer.channels, setup.layer.h, setup.layer.w],
+              command_line=command_line, dask=dask)
+    return log
+
+
+def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
+        concepts_from: Path | None = None, explain: str | None = None, say: Callable[[str], None] = print,
+        progress: PassProgress | None = None, command_line: str = "", dask: str | None = None) -> RunSummary:
+    """Run the whole job: prepare, calibrate, fit concepts, full pass, assemble (with fidelity).
+
+    Raises ConfigError before any slide is read when settings cannot work. dask: None runs the passes
+    in this process; 'local:N' or a scheduler address runs them as one task per slide on Dask workers
+    (see dask_run.py). Either way the parts, the NMF fit and the atlas are made here, and the atlas is
+    the same."""
+    t0 = time.perf_counter()
+    setup = prepare(cfg, len(records), loaded, explain, say)
+    torch.manual_seed(setup.cfg.seed)
+    log = start_log(out, setup, len(records), command_line, dask)
+    job = Job(setup, records, loaded, out, say, progress or PassProgress(console=None, enabled=False), log)
     try:
         if dask is not None:
             from .dask_run import DaskPasses  # dask is only imported when asked for
-            executor = DaskPasses(dask, loaded, cfg.arch, say=say)
-            cfg = dataclasses.replace(cfg, compute=executor.compute_signature(cfg.device))
-        # 1. concepts: reuse, or calibrate and fit
+            job.executor = DaskPasses(dask, loaded, setup.cfg.arch, say=say)
+            setup.cfg = dataclasses.replace(setup.cfg, compute=job.executor.compute_signature(setup.cfg.device))
         calib_failed: dict[int, str] = {}
+        calib_parts: list[Path] = []
         if concepts_from is not None:
-            concepts = concepts_from_atlas(concepts_from, c)
+            concepts = concepts_from_atlas(concepts_from, setup.layer.channels)
             fit_facts = {"concepts_from": str(concepts_from)}
             say(f"reusing the {concepts.H.shape[0]} concepts of {escape(str(concepts_from))}")
         else:
-            ckey = cfg.calibration_key()
-            calib_paths = [calib_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
-            todo = [SlideJob(i, r, sample_tiles=cfg.calib_tiles_per_slide) for i, r in by_index.items()
-                    if not is_done(calib_paths[i], ckey)]
-            say(f"calibration: {len(records) - len(todo)} slides reused, {len(todo)} to sample")
-            progress.start("calibration", len(todo))
-            st = one_pass("calibration", todo, calib_dir, ckey, None)
-            log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
-                      tiles=st.tiles)
-            ids = {r.slide_id: i for i, r in by_index.items()}
-            calib_failed = {ids[slide_id]: error for slide_id, error in st.failures}
-            ok_calib = [p for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "ok"]
-            fit_key = cfg._key(("k", "seed", "nmf_max_iter", "calib_max_cells"),
-                               {"parts": [read_part_attrs(p)["key"] + p.name for p in ok_calib]})
-            cpath = wd / CONCEPTS_FILE
-            if is_done(cpath, fit_key):
-                concepts, fit_facts = load_concepts(cpath)
-                say("concepts: reused the fitted H")
-            else:
-                V, vmin = pool_cells(ok_calib, cfg.calib_max_cells, cfg.seed)
-                if V.size == 0:
-                    summary.failed = sum(1 for p in calib_paths if (read_part_attrs(p) or {}).get("status") == "failed")
-                    summary.failures = st.failures
-                    if summary.failed == len(records):
-                        say("[red]every slide failed[/] (reasons below): nothing to cluster.")
-                    else:
-                        say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
-                            "(--min-tissue), the pixel size, and the slides themselves.")
-                    log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
-                    return summary
-                if vmin < 0:
-                    say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by "
-                        "a low percentile, scaling by the IQR and clamping at 0 before NMF (see README).")
-                say(f"fitting NMF (K={cfg.k}) on {len(V)} cells x {V.shape[1]} channels")
-                concepts, fit_facts = fit_concepts(V, cfg.k, cfg.seed, cfg.nmf_max_iter,
-                                                   None if cfg.device == "auto" else cfg.device)
-                save_concepts(cpath, concepts, fit_key, fit_facts)
-                fit_facts = {k: v for k, v in fit_facts.items()}
+            calib = calibrate(job)
+            fitted = fit(job, calib)
+            if fitted is None:
+                return job.summary
+            concepts, fit_facts = fitted
+            calib_failed, calib_parts = calib.failed, calib.ok
             log.event("concepts", **{k: v for k, v in fit_facts.items() if k not in ("key", "status")})
-
-        # 2. full pass
-        skey = cfg.slide_key(concepts_sha(concepts))
-        slide_paths = [slides_dir / part_name(i, r.slide_id) for i, r in by_index.items()]
-        todo = [SlideJob(i, r) for i, r in by_index.items() if not is_done(slide_paths[i], skey)]
-        summary.reused = len(records) - len(todo)
-        # A slide that could not be read for calibration just now would fail the same way again:
-        # record its reason without a second attempt (a later re-run retries it).
-        for job in [j for j in todo if j.index in calib_failed]:
-            todo.remove(job)
-            save_part(slide_paths[job.index], {}, {"key": skey, "status": "failed", "slide_id": job.record.slide_id,
-                                                   "path": str(job.record.path), "error": calib_failed[job.index]})
-        for i, r in by_index.items():
-            if is_done(slide_paths[i], skey):
-                log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
-        say(f"full pass: {summary.reused} slides already done, {len(todo)} to process")
-        progress.start("full pass", len(todo))
-        st = one_pass("full", todo, slides_dir, skey, concepts)
-        log.event("pass_end", name="full", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed, tiles=st.tiles)
-        if executor is not None:  # the workers are done; the assembly runs here
-            executor.close()
-
-        # 3. atlas
-        statuses = [(read_part_attrs(p) or {}) for p in slide_paths]
-        summary.ok = sum(a.get("status") == "ok" for a in statuses)
-        summary.no_tissue = sum(a.get("status") == "no_tissue" for a in statuses)
-        summary.failed = sum(a.get("status") == "failed" for a in statuses)
-        summary.failures = [(r.slide_id, a.get("error", "")) for r, a in zip(records, statuses)
-                            if a.get("status") == "failed"]
-        if summary.ok == 0:
-            why = ("every slide failed (reasons below)" if summary.failed == len(records) else
-                   f"{summary.no_tissue} slides without tissue tiles at --min-tissue {cfg.min_tissue:g} (the tissue "
-                   "found is in the warnings above; lower --min-tissue, 0 keeps every tile)")
-            say(f"[red]no slide produced tiles[/]: no atlas written; {why}.")
-            log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no slide produced tiles")
-            return summary
-        root = {
-            "tool": "lumen", "tool_version": __version__,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command_line": command_line or " ".join(sys.argv), "config": cfg.to_dict(),
-            "model_source": loaded.source, "model_sha256": loaded.sha256 or "", "layer": cfg.layer,
-            "layer_shape": [c, h, w], "cell_px": layer.cell_px, "layer_layout": layout.kind,
-            "prefix_tokens_dropped": layout.prefix, "k": concepts.H.shape[0],
-            "output_names": list(loaded.spec.class_names or []), "device": str(device),
-            "fit": {k: v for k, v in fit_facts.items() if k not in ("key", "status")},
-        }
-        # The atlas holds about what the slide parts hold; a write that cannot fit is not started.
-        check_free_space(out, int(1.1 * sum(p.stat().st_size for p in slide_paths if p.exists())) + (1 << 20))
-        say("writing the atlas")
-        fidelity = None
-        if out_index is not None:
-            calib_parts = [] if concepts_from is not None else ok_calib
-            fidelity = functools.partial(write_fidelity, cfg=cfg, concepts=concepts, calib_parts=calib_parts,
-                                         output_index=out_index, output_name=out_name, say=say)
-        else:
-            say("note: no output to explain was chosen (--explain), so fidelity statistics are skipped")
-        facts = build_atlas(out, records, slide_paths, concepts, cfg, root, (h, w), say, fidelity)
-        summary.atlas = out
-        summary.tiles = facts["tiles"]
-        summary.facts = facts
-        summary.seconds = time.perf_counter() - t0
-        log.event("run_end", exit_code=summary.exit_code, ok=summary.ok, no_tissue=summary.no_tissue,
-                  failed=summary.failed, reused=summary.reused, tiles=summary.tiles,
-                  seconds=round(summary.seconds, 2), atlas=str(out), relative_error=facts.get("relative_error"))
-        return summary
+        slide_paths = full_pass(job, concepts, calib_failed)
+        if job.executor is not None:  # the workers are done; the assembly runs here
+            job.executor.close()
+        assemble(job, concepts, fit_facts, slide_paths, calib_parts, command_line)
+        if job.summary.atlas is not None:
+            s = job.summary
+            s.seconds = time.perf_counter() - t0
+            log.event("run_end", exit_code=s.exit_code, ok=s.ok, no_tissue=s.no_tissue, failed=s.failed,
+                      reused=s.reused, tiles=s.tiles, seconds=round(s.seconds, 2), atlas=str(out),
+                      relative_error=s.facts.get("relative_error"))
+        return job.summary
     finally:
-        if executor is not None:
-            executor.close()
-        summary.seconds = time.perf_counter() - t0
+        if job.executor is not None:
+            job.executor.close()
+        job.summary.seconds = time.perf_counter() - t0
         log.close()
