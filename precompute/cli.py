@@ -133,15 +133,7 @@ def run(
 
     Re-running the same command resumes: finished slides are reused, the rest is redone.
     """
-    code = run_job(cohort=cohort, model=model, out=out, layer=layer, arch=arch, k=k, kmeans_k=kmeans_k,
-                   tile_px=tile_px, stride_px=stride_px, target_mpp=target_mpp, mpp=mpp,
-                   native_resolution=native_resolution, min_tissue=min_tissue, edge_cells=edge_cells, relu=relu,
-                   concepts=concepts, projection=projection, seed=seed, calib_tiles=calib_tiles,
-                   calib_cells=calib_cells, max_calib_cells=max_calib_cells, batch_size=batch_size,
-                   workers=workers, device=device, input_px=input_px, scale=scale, mean=mean, std=std,
-                   output_activation=output_activation, explain=explain, target=target, gradcam=gradcam,
-                   importance=importance, positive_threshold=positive_threshold, k_grid=k_grid, progress=progress,
-                   dask=dask)
+    code = run_job(**locals())  # the options above, by name: run_job's parameters are the same
     raise typer.Exit(code)
 
 

@@ -44,37 +44,8 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         st.warning("Only one diagnosis is in the filter: there is nothing to compare against. "
                    "Widen the diagnosis filter in the sidebar.")
 
-    # The ranking fits 1,400 px without scrolling: slide counts as "n of N" in one column each; the
-    # other shares are in the CSV and the expander.
-    shown = table.assign(
-        target_count=[f"{a} of {b}" for a, b in zip(table["target_slides_ge"], table["target_slides"])],
-        other_count=[f"{a} of {b}" for a, b in zip(table["other_slides_ge"], table["other_slides"])])
-    st.dataframe(shown, hide_index=True, width="stretch", column_order=[
-        "concept", "log2_enrichment", "cluster_share_in_target", "target_count", "other_count", "top_target_slide",
-        "top_slide_share"], column_config={
-        "concept": st.column_config.TextColumn("concept", width="small"),
-        "cluster_share_in_target": st.column_config.ProgressColumn(
-            f"weight on {target}", format="percent", min_value=0, max_value=1,
-            help="Part of the concept's total weight that lies on slides of the target diagnosis"),
-        "log2_enrichment": st.column_config.NumberColumn("log2 enrichment", format="%.2f", width="small"),
-        "target_count": st.column_config.TextColumn(f"{target} slides ≥ {pct}%", width="small",
-                                                    help=f"{target} slides where the concept holds ≥ {pct}%"),
-        "other_count": st.column_config.TextColumn(f"other slides ≥ {pct}%", width="small"),
-        "top_target_slide": st.column_config.TextColumn(f"largest {target} slide", width="small"),
-        "top_slide_share": st.column_config.ProgressColumn(
-            "its part", format="percent", min_value=0, max_value=1, width="small",
-            help=f"Part of the concept's {target} weight that comes from that one slide"),
-    })
-    with st.expander("All columns (expected share, shares of target and other weight)"):
-        st.dataframe(table, hide_index=True, width="stretch")
-    ui.csv_button(table, f"enrichment-{target}", key="dl_enrich")
-    n_target = int(table["target_slides"].iat[0])
-    dominated = table[table["top_slide_share"] > DOMINANCE]
-    if n_target == 1:
-        st.warning(f"Only one {target} slide has tiles: every {target} figure here rests on that slide.")
-    elif len(dominated):
-        parts = [f"{r.concept} ({r.top_slide_share:.0%} from {r.top_target_slide})" for r in dominated.itertuples()]
-        st.warning(f"One slide holds most of the {target} weight of: {'; '.join(parts)}. Read these with care.")
+    _ranking(table, target, pct)
+    _dominance_warnings(table, target)
 
     ch = alt.Chart(table, title=f"log2 enrichment in {target} (share of {target} weight / share of other weight)"
                    ).mark_bar().encode(
@@ -99,6 +70,45 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     for j in range(data.k):
         cols[j % len(cols)].button(labels[j], key=f"open_{j}", on_click=state.go,
                                    kwargs={"page": "cluster", "cluster": j + 1}, width="stretch")
+
+
+def _ranking(table, target: str, pct: int) -> None:
+    """The enrichment ranking, one row per concept, with the full table in an expander and the CSV."""
+    # The ranking fits 1,400 px without scrolling: slide counts as "n of N" in one column each; the
+    # other shares are in the CSV and the expander.
+    shown = table.assign(
+        target_count=[f"{a} of {b}" for a, b in zip(table["target_slides_ge"], table["target_slides"])],
+        other_count=[f"{a} of {b}" for a, b in zip(table["other_slides_ge"], table["other_slides"])])
+    st.dataframe(shown, hide_index=True, width="stretch", column_order=[
+        "concept", "log2_enrichment", "cluster_share_in_target", "target_count", "other_count", "top_target_slide",
+        "top_slide_share"], column_config={
+        "concept": st.column_config.TextColumn("concept", width="small"),
+        "cluster_share_in_target": st.column_config.ProgressColumn(
+            f"weight on {target}", format="percent", min_value=0, max_value=1,
+            help="Part of the concept's total weight that lies on slides of the target diagnosis"),
+        "log2_enrichment": st.column_config.NumberColumn("log2 enrichment", format="%.2f", width="small"),
+        "target_count": st.column_config.TextColumn(f"{target} slides ≥ {pct}%", width="small",
+                                                    help=f"{target} slides where the concept holds ≥ {pct}%"),
+        "other_count": st.column_config.TextColumn(f"other slides ≥ {pct}%", width="small"),
+        "top_target_slide": st.column_config.TextColumn(f"largest {target} slide", width="small"),
+        "top_slide_share": st.column_config.ProgressColumn(
+            "its part", format="percent", min_value=0, max_value=1, width="small",
+            help=f"Part of the concept's {target} weight that comes from that one slide"),
+    })
+    with st.expander("All columns (expected share, shares of target and other weight)"):
+        st.dataframe(table, hide_index=True, width="stretch")
+    ui.csv_button(table, f"enrichment-{target}", key="dl_enrich")
+
+
+def _dominance_warnings(table, target: str) -> None:
+    """Warn when the target figures rest on one slide, overall or for some concepts."""
+    n_target = int(table["target_slides"].iat[0])
+    dominated = table[table["top_slide_share"] > DOMINANCE]
+    if n_target == 1:
+        st.warning(f"Only one {target} slide has tiles: every {target} figure here rests on that slide.")
+    elif len(dominated):
+        parts = [f"{r.concept} ({r.top_slide_share:.0%} from {r.top_target_slide})" for r in dominated.itertuples()]
+        st.warning(f"One slide holds most of the {target} weight of: {'; '.join(parts)}. Read these with care.")
 
 
 def _heatmap(long, labels: list[str], pct: int):
