@@ -88,7 +88,12 @@ def test_weights_reconstruct_cells_with_the_reported_error(cmu_atlas, data_dir):
     grabbed = {}
     net.features.norm5.register_forward_hook(lambda m, i, o: grabbed.__setitem__("a", torch.relu(o.clone())))
     slide = open_slide(data_dir / "slides" / "CMU-1-Small-Region.svs")
-    for i in (0, len(t["x"]) // 2, len(t["x"]) - 1):
+    # Glass cells are blanked in the soft maps after the tile's error was computed: check tiles without them.
+    glass = np.asarray(maps["cell_tissue"], np.float32) < 0.10
+    clean = [i for i in range(len(t["x"])) if not glass[int(round(t["y"][i] / cell)):][:7,
+             int(round(t["x"][i] / cell)):][:, :7].any()]
+    assert len(clean) >= 3
+    for i in (clean[0], clean[len(clean) // 2], clean[-1]):
         x, y = int(t["x"][i]), int(t["y"][i])
         size = int(round(tile_l0))
         rgb = slide.read_region((x, y), 0, (size, size))
