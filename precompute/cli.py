@@ -418,12 +418,10 @@ def report(
     typer.echo(json.dumps(d, indent=2, default=_json_default) if as_json else format_report(d))
 
 
-def _html_report(atlas: Path, out: Path, notes: Optional[Path]) -> None:
-    from .meeting_report import write_report
+def _atlas_notes(atlas: Path, notes: Optional[Path]):
+    """Open the atlas (exit 2 when damaged) and return its concept notes, saying where they came from."""
     from .store import Atlas, AtlasFormatError
 
-    if out.is_dir():
-        _fail(f"--html {out} is a folder; give a file name such as {out / 'report.html'}")
     try:
         with Atlas(atlas) as a:
             k = a.k
@@ -432,6 +430,16 @@ def _html_report(atlas: Path, out: Path, notes: Optional[Path]) -> None:
     found, source = _notes(atlas, notes, k)
     if source:
         console.print(source, markup=False, highlight=False)
+    return found
+
+
+def _html_report(atlas: Path, out: Path, notes: Optional[Path]) -> None:
+    from .meeting_report import write_report
+    from .store import AtlasFormatError
+
+    if out.is_dir():
+        _fail(f"--html {out} is a folder; give a file name such as {out / 'report.html'}")
+    found = _atlas_notes(atlas, notes)
     try:
         write_report(atlas, out, found)
     except AtlasFormatError as exc:  # damage found while reading (e.g. a slide's maps)
@@ -449,18 +457,11 @@ def export(
     """Concept regions per slide as GeoJSON in level-0 pixels, one QuPath annotation per region, classified by
     concept name and colour, with the mean concept weight."""
     from .geojson_export import export_geojson
-    from .store import Atlas, AtlasFormatError
+    from .store import AtlasFormatError
 
     if geojson.exists() and not geojson.is_dir():
         _fail(f"--geojson {geojson} is a file; give a folder (it is created when missing).")
-    try:
-        with Atlas(atlas) as a:
-            k = a.k
-    except AtlasFormatError as exc:
-        _fail(str(exc))
-    found, source = _notes(atlas, notes, k)
-    if source:
-        console.print(source, markup=False, highlight=False)
+    found = _atlas_notes(atlas, notes)
     try:
         files = export_geojson(atlas, geojson, found)
     except AtlasFormatError as exc:  # damage found while reading (e.g. a slide's maps)
