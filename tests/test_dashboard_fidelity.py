@@ -108,8 +108,9 @@ def datasets(at: AppTest) -> list[pd.DataFrame]:
             for chart in at.get("vega_lite_chart") for d in chart.proto.datasets]
 
 
-def table_with(at: AppTest, column: str) -> pd.DataFrame:
-    return next(t for t in datasets(at) if column in t.columns)
+def table_with(at: AppTest, *columns: str) -> pd.DataFrame:
+    """The first chart dataset that has all these columns."""
+    return next(t for t in datasets(at) if set(columns) <= set(t.columns))
 
 
 def metrics(at: AppTest) -> dict[str, tuple[str, str]]:
@@ -170,7 +171,7 @@ def test_page_with_stored_fidelity_and_gradcam(fid_atlas, monkeypatch):
         assert hi == pytest.approx(min(1, c["cam_r_mean"] + c["cam_r_std"]))
     same(at.dataframe[2].value["n_positive"], [c["cam_n_pos"] for c in rep["clusters"]])
     # K grid: lines per method and measure, this atlas's K marked, and the table
-    grid = table_with(at, "measure")
+    grid = table_with(at, "method", "measure")
     assert set(grid["method"]) == {"NMF", "k-means"}
     nmf_err = grid[(grid["method"] == "NMF") & (grid["measure"] == "reconstruction error")].sort_values("k")
     same(nmf_err["value"], [r["nmf_rel_error"] for r in rep["k_grid"]])
@@ -180,7 +181,8 @@ def test_page_with_stored_fidelity_and_gradcam(fid_atlas, monkeypatch):
     assert gt.loc[gt["this_atlas"], "k"].tolist() == [rep["k"]]
     same(gt["kmeans_r2_cv"], [r["kmeans_r2_cv"] for r in rep["k_grid"]])
     labels = [b.label for b in at.get("download_button")]
-    assert sum("CSV" in lab for lab in labels) == 4, labels
+    # regression, coefficients, GradCAM per tile, pooled agreement, K grid (no importance in this atlas)
+    assert sum("CSV" in lab for lab in labels) == 5, labels
 
 
 @pytest.fixture()
