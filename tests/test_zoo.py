@@ -53,11 +53,15 @@ def test_family_runs_explains_and_displays(name, cohorts, tmp_path, monkeypatch)
             expect = (h, w) if case.px != 512 else (768 // (512 // h),) * 2  # 768 px mosaic, 16 px cells
             assert maps["hard"].shape == expect and maps["soft"].shape == (2, *expect)
             assert maps["gradcam"].shape == expect and np.isfinite(maps["gradcam"]).all()
-            # Every cell of the tissue tiles got a concept, except the slide's border cells that
-            # --edge-cells drops (no overlapping tile covers them).
+            # Every tissue cell of the tiles got a concept and no glass cell did (under 10 % tissue, the
+            # documented threshold), except the slide's border cells that --edge-cells drops (no
+            # overlapping tile covers them).
             e = int(case.extra[case.extra.index("--edge-cells") + 1]) if "--edge-cells" in case.extra else 0
             inner = maps["hard"][e:expect[0] - e, e:expect[1] - e]
-            assert (inner > 0).all() and (e == 0 or (maps["hard"][:e] == 0).all())
+            tissue = (np.asarray(maps["cell_tissue"], np.float32) >= 0.10)[e:expect[0] - e, e:expect[1] - e]
+            assert tissue.mean() > 0.5  # the test tiles are mostly tissue
+            np.testing.assert_array_equal(inner > 0, tissue)
+            assert e == 0 or (maps["hard"][:e] == 0).all()
     assert_opens(out, monkeypatch)
 
 
