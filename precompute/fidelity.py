@@ -26,8 +26,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LinearRegression
-from sklearn.model_selection import GroupKFold
+
+from .regression import CV_REPEATS, output_regression, r2_score, repeated_group_cv
 
 if TYPE_CHECKING:
     from .store import Atlas
@@ -150,108 +150,6 @@ def positive_tiles(outputs: np.ndarray, probs: np.ndarray | None, index: int, th
 # ----------------------------------------------------------------------------------------
 # Output regression
 # ----------------------------------------------------------------------------------------
-
-def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
-    """1 - SS_res / SS_tot around the mean of y; NaN when y is constant (R^2 is undefined)."""
-    y = np.asarray(y, dtype=np.float64)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    if ss_tot == 0.0:
-        return float("nan")
-    return 1.0 - float(((y - np.asarray(pred, dtype=np.float64)) ** 2).sum()) / ss_tot
-
-
-def output_regression(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_splits: int = 5,
-                      seed: int = 0) -> dict:
-    """Linear regression (with intercept) of a model output on per-tile concept weights.
-
-    weights: (N, K) per-tile summed concept weights; y: (N,) the explained output (a logit);
-    groups: (N,) slide or patient id per tile (any hashable values).
-
-    Cross-validation: GroupKFold with min(n_splits, n_groups) folds, so all tiles of one group land
-    in the same test fold; groups are balanced by tile count, and `seed` breaks ties between equally
-    large groups. r2_cv is the R^2 of the pooled out-of-fold predictions (one R^2 over all tiles,
-    around the mean of all y), so it can be negative when the fit does not generalise.
-
-    Returns coef (K,), intercept, r2 (in-sample), r2_cv, n_folds, n_groups, n_tiles, fold (N,) int
-    (each tile's test fold, -1 without CV) and note ("" or why r2 / r2_cv is NaN).
-    """
-    X = np.asarray(weights, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    groups = np.asarray(groups)
-    if X.ndim != 2 or y.shape != (X.shape[0],) or groups.shape != (X.shape[0],):
-        raise ValueError(f"weights must be (N, K), y (N,) and groups (N,); got {X.shape}, {y.shape}, "
-                         f"{groups.shape}.")
-    n = X.shape[0]
-    if n < 2:
-        raise ValueError(f"the output regression needs at least 2 tiles, got {n}.")
-    if not (np.isfinite(X).all() and np.isfinite(y).all()):
-        raise ValueError("weights or outputs contain NaN or infinite values; check the model outputs "
-                         "(e.g. fp16 overflow) and the concept weights.")
-    fit = LinearRegression().fit(X, y)
-    notes = []
-    r2 = r2_score(y, fit.predict(X))
-    if np.isnan(r2):
-        notes.append("the output is the same on every tile, so R^2 is undefined")
-
-    _, codes = np.unique(groups, return_inverse=True)
-    n_groups = int(codes.max()) + 1
-    fold = np.full(n, -1, dtype=np.int64)
-    r2_cv = float("nan")
-    n_folds = 0
-    if n_groups < 2:
-        notes.append(f"cross-validation needs tiles from at least 2 groups (slides or patients); "
-                     f"all {n} tiles come from one")
-    else:
-        n_folds = min(int(n_splits), n_groups)
-        # Relabel groups in a seeded order: GroupKFold sorts groups stably by size, so this only
-        # decides which of two equally large groups goes to which fold.
-        relabel = np.random.default_rng(seed).permutation(n_groups)[codes]
-        oof = np.empty(n)
-        for f, (train, test) in enumerate(GroupKFold(n_splits=n_folds).split(X, y, relabel)):
-            fold[test] = f
-            oof[test] = LinearRegression().fit(X[train], y[train]).predict(X[test])
-        r2_cv = r2_score(y, oof)
-    return {"coef": fit.coef_.astype(np.float64), "intercept": float(fit.intercept_), "r2": r2, "r2_cv": r2_cv,
-            "n_folds": n_folds, "n_groups": n_groups, "n_tiles": n, "fold": fold, "note": "; ".join(notes)}
-
-
-CV_REPEATS = 20  # shuffles of the group-to-fold assignment in repeated_group_cv
-
-
-def repeated_group_cv(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_repeats: int = CV_REPEATS,
-                      n_splits: int = 5, seed: int = 0) -> dict:
-    """Cross-validated R^2 over `n_repeats` random assignments of whole groups to folds.
-
-    One assignment is one draw: on small cohorts the R^2 of a single split depends on which slides
-    land together. Per repeat the groups are shuffled (seeded) and dealt to min(n_splits, n_groups)
-    folds in turn; the R^2 of the pooled out-of-fold predictions of a linear regression (with
-    intercept) is recorded. weights: (N, K); y: (N,); groups: (N,).
-
-    Returns r2_cv_repeats (n_repeats,) (NaN where undefined), r2_cv_median, r2_cv_p5, r2_cv_p95 (the
-    5th and 95th percentiles over repeats) and n_repeats; the summaries are NaN with fewer than 2 groups.
-    """
-    X = np.asarray(weights, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    n_groups = int(codes.max()) + 1 if len(codes) else 0
-    r2s = np.full(int(n_repeats), np.nan)
-    if n_groups >= 2:
-        n_folds = min(int(n_splits), n_groups)
-        rng = np.random.default_rng(seed)
-        for rep in range(int(n_repeats)):
-            fold_of_group = np.empty(n_groups, dtype=np.int64)
-            fold_of_group[rng.permutation(n_groups)] = np.arange(n_groups) % n_folds
-            fold = fold_of_group[codes]
-            oof = np.empty(len(y))
-            for f in range(n_folds):
-                test = fold == f
-                oof[test] = LinearRegression().fit(X[~test], y[~test]).predict(X[test])
-            r2s[rep] = r2_score(y, oof)
-    ok = r2s[np.isfinite(r2s)]
-    med, p5, p95 = (np.percentile(ok, q) for q in (50, 5, 95)) if len(ok) else (np.nan,) * 3
-    return {"r2_cv_repeats": r2s, "r2_cv_median": float(med), "r2_cv_p5": float(p5), "r2_cv_p95": float(p95),
-            "n_repeats": int(n_repeats)}
-
 
 def choose_output(output_names: Sequence[str], probs_available: bool, wanted: str | int | None) -> tuple[int, str]:
     """Resolve which model output to explain. Returns (index, name).
@@ -410,8 +308,7 @@ def _per_tile_sum(values: np.ndarray, tile: np.ndarray, n_tiles: int) -> np.ndar
 
 def _fit_r2(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[float, dict]:
     """In-sample R^2 of a linear fit and the repeated grouped CV summary."""
-    r2 = r2_score(y, LinearRegression().fit(X, y).predict(X))
-    return r2, repeated_group_cv(X, y, groups, seed=seed)
+    return output_regression(X, y, groups, seed=seed)["r2"], repeated_group_cv(X, y, groups, seed=seed)
 
 
 GRID_FEATURES = ("nmf", "kmeans", "kmeans_dist")
