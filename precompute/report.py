@@ -50,17 +50,28 @@ def _tile_groups(atlas: Atlas, slide_of_tile: np.ndarray) -> tuple[np.ndarray, s
     return np.asarray(slide_of_tile, dtype=np.int64), "slide"
 
 
-def _computed(names: list[str], outputs: np.ndarray, weights: np.ndarray, groups: np.ndarray, config: dict
-              ) -> tuple[int, str, str, np.ndarray, dict]:
+def _target_chunked(atlas: Atlas, index: int, target: str, activation: str, chunk: int = 131_072) -> np.ndarray:
+    """The target (N,) from the stored logits, read `chunk` tiles at a time (a 10^6-tile atlas's
+    float64 logits and their log-sum-exp temporaries would otherwise cost ~0.6 GB at once)."""
+    n = atlas.n_tiles
+    y = np.empty(n)
+    for a in range(0, n, chunk):
+        rows = slice(a, min(a + chunk, n))
+        y[rows] = target_values(atlas.tiles(["outputs"], rows)["outputs"], index, target, activation)
+    return y
+
+
+def _computed(atlas: Atlas, weights: np.ndarray, groups: np.ndarray) -> tuple[int, str, str, np.ndarray, dict]:
     """The regression of an atlas without fidelity results: (index, name, target, coef, regression dict)."""
+    names, config = atlas.output_names, atlas.config
     try:
         index, name = choose_output(names, False, DEFAULT_OUTPUT)
     except ValueError:
         index, name = 0, names[0] if names else "output 0"
-    outputs = np.asarray(outputs, dtype=np.float64)
     activation = str(config.get("output_activation", "auto"))
-    target = check_target(config.get("target")) or default_target(activation, outputs.shape[1])
-    y = target_values(outputs, index, target, activation)
+    n_outputs = int(atlas.tile_shape("outputs")[1])
+    target = check_target(config.get("target")) or default_target(activation, n_outputs)
+    y = _target_chunked(atlas, index, target, activation)
     res = output_regression(weights, y, groups)
     rcv = repeated_group_cv(weights, y, groups)
     reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
@@ -105,15 +116,14 @@ def report_dict(path: str | Path) -> dict[str, Any]:
     absent), k_grid_info (n_cells, n_tiles, features), nmf_relative_error.
     """
     with Atlas(path) as atlas:
-        names = atlas.output_names
-        t = atlas.tiles(["slide", "weights", "nmf_cluster", "outputs"])
+        t = atlas.tiles(["slide", "weights", "nmf_cluster"])
         fid = fidelity_from_atlas(atlas)
         nmf_err = atlas.group_attrs("clusters").get("relative_error")
         n_slides = atlas.n_slides
-        config = atlas.config
         groups, grouping = _tile_groups(atlas, t["slide"])
+        weights = np.asarray(t["weights"], dtype=np.float64)
+        computed = None if fid else _computed(atlas, weights, groups)
 
-    weights = np.asarray(t["weights"], dtype=np.float64)
     n_tiles, k = weights.shape
     notes: list[str] = []
     if fid:
@@ -137,7 +147,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         k_grid_info = fid.get("k_grid_attrs") or {}
     else:
         source = "computed"
-        index, name, target, coef, reg = _computed(names, t["outputs"], weights, groups, config)
+        index, name, target, coef, reg = computed
         threshold, gradcam, k_grid, agreement, k_grid_info, importance = None, False, {}, {}, {}, {}
         notes.append(f"this atlas stores no fidelity results: the output regression was computed now from the "
                      f"tile table, explaining output {name!r} (index {index}; {DEFAULT_OUTPUT!r} when the model "

@@ -807,6 +807,10 @@ class Atlas:
                 out[name] = ds[()] if rows is None else ds[rows]
         return out
 
+    def tile_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tile column `name` (e.g. (N, O) for outputs) without reading it."""
+        return tuple(self.f["tiles"][name].shape)
+
     def tile_attrs(self, name: str) -> dict[str, Any]:
         return _plain_attrs(self.f["tiles"][name].attrs)
 
