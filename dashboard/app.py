@@ -31,6 +31,8 @@ CSS = """<style>
 [data-testid="stCaptionContainer"], [data-testid="stImageCaption"] {font-size: 0.95rem;}
 [data-testid="stMetricValue"] {font-size: 1.9rem;}
 .block-container {padding-top: 2.2rem;}
+/* Streamlit's chart toolbar names its PNG by time only; each chart has a named "PNG of this chart" button */
+[data-testid="stElementToolbarButton"]:has(button[aria-label^="Download as PNG"]) {display: none;}
 </style>"""
 
 USAGE = "streamlit run dashboard/app.py -- --atlas path/to/atlas.h5"
@@ -72,6 +74,8 @@ def main() -> None:
         st.caption("The address bar holds this view (page, concept, slide, filters, colouring): "
                    "copy it to reopen the same view.")
         naming.sidebar(data)
+    st.session_state["_charts_drawn"] = 0  # numbers the charts' PNG buttons in page order (stable keys)
+    st.session_state["_page_name"] = page
     with atlas_guard():  # a damaged part of the atlas gets Lumen's message, not a Streamlit error box
         VIEWS[page].render(data, diagnoses)
 

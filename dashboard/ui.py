@@ -145,10 +145,41 @@ def styled(ch: alt.TopLevelMixin) -> alt.TopLevelMixin:
         labelLimit=320).configure_title(fontSize=17, anchor="start", color=AXIS_COLOR, limit=0)
 
 
-def chart(ch: alt.TopLevelMixin, **kwargs):
-    """st.altair_chart with the app's defaults: full width, type large enough for a projector."""
+EXPORT_WIDTH = 900  # px of a chart's plot area in its PNG download (the page's charts stretch to the screen)
+
+
+def _title(ch: alt.TopLevelMixin) -> str:
+    """The chart's title text (layers: the first titled layer), '' when it has none."""
+    for part in [ch, *getattr(ch, "layer", [])]:
+        title = getattr(part, "title", alt.Undefined)
+        text = getattr(title, "text", title)
+        if isinstance(text, str) and text:
+            return text
+    return ""
+
+
+def chart_png(ch: alt.TopLevelMixin) -> bytes:
+    """PNG (2x scale) of a chart with its legend, drawn on the server by vl-convert (no browser, offline)."""
+    import vl_convert as vlc  # lazy: its engine starts on the first export (~1-3 s), never at page load
+
+    spec = styled(ch).to_dict()
+    if "width" not in spec and not {"hconcat", "vconcat", "concat", "facet", "repeat"} & spec.keys():
+        spec["width"] = EXPORT_WIDTH
+    return vlc.vegalite_to_png(spec, scale=2)
+
+
+def chart(ch: alt.TopLevelMixin, *, name: str | None = None, **kwargs):
+    """st.altair_chart with the app's defaults (full width, type large enough for a projector), and a
+    PNG download under it named '<atlas>-<page>-<name or title>.png' (Streamlit's own toolbar download
+    is named by time only, so the app hides it; see app.py)."""
     kwargs.setdefault("width", "stretch")
-    return st.altair_chart(styled(ch), **kwargs)
+    event = st.altair_chart(styled(ch), **kwargs)
+    label = name or _title(ch) or "chart"
+    n = st.session_state["_charts_drawn"] = st.session_state.get("_charts_drawn", 0) + 1
+    page = st.session_state.get("_page_name", "")
+    png_button(lambda: chart_png(ch), f"{page}-{label}" if page else label, key=f"chart_png_{n}",
+               label="PNG of this chart")
+    return event
 
 
 def bar(df: pd.DataFrame, x: str, y: str, *, color: str | None = None, scale: alt.Scale | None = None,

@@ -276,7 +276,7 @@ def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
     st.caption(f"Density image: all {n_shown:,} tiles in the filter; points: {len(pts):,} of them "
                f"(a fixed random sample, at most {n_points:,}). Drag to select a region (resolved "
                "against all tiles), click a point to pick one tile, double-click to clear. "
-               "Chart toolbar (top right): Download as PNG.")
+               "\"PNG of this chart\" (below it) saves the chart with its legend.")
     if mode == "nmf":
         ui.concept_legend(data.k)
     ui.csv_button(pts, f"scatter-points-{mode}", key="dl_points", label="CSV of the drawn points")
