@@ -38,6 +38,12 @@ def _require_browser():
         pytest.skip("playwright is not installed: pip install -r requirements-test.txt")
 
 
+def expect(target):
+    """playwright's expect (imported late: the module must import where playwright is missing)."""
+    from playwright.sync_api import expect as _expect
+    return _expect(target)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +108,6 @@ def idle(pg) -> None:
         " && [...document.images].every(i => i.complete)"
         " && !document.querySelector('[data-testid=stSkeleton], [data-testid=stSkeletonElement]'); }",
         timeout=TIMEOUT_MS)
-    pg.wait_for_timeout(300)
 
 
 def check(pg, shot: str) -> None:
@@ -130,10 +135,13 @@ def choose(pg, label: str, option: str) -> None:
         try:
             opt.wait_for(timeout=3_000)
             opt.click()
-            idle(pg)
-            return
-        except Exception:
+        except Exception:  # the list did not open (the box re-rendered under the click): try again
             pg.keyboard.press("Escape")
+            continue
+        # the rerun the pick starts may not have begun yet: wait for the box to show it, then for idle
+        expect(pg.get_by_role("combobox", name=label).first).to_have_value(option, timeout=TIMEOUT_MS)
+        idle(pg)
+        return
     raise AssertionError(f"could not choose {option!r} in {label!r}")
 
 
@@ -225,12 +233,15 @@ def test_permalink_reopens_the_same_view(page, browser, server):
     sidebar.locator('[data-testid="stMultiSelect"]').click()
     page.get_by_role("option", name="malignant", exact=True).click()
     page.keyboard.press("Escape")
+    page.wait_for_url(re.compile(r"[?&]dx=malignant"), timeout=TIMEOUT_MS)  # the filter reached the URL
     idle(page)
     choose(page, "Colour by", "Diagnosis")
+    page.wait_for_url(re.compile(r"[?&]color=diagnosis"), timeout=TIMEOUT_MS)
     sidebar.get_by_text("Cluster", exact=True).click()
     page.wait_for_selector("text=Concept drill-down", timeout=TIMEOUT_MS)
     idle(page)
     choose(page, "Concept", "C4")
+    page.wait_for_url(re.compile(r"[?&]cluster=4"), timeout=TIMEOUT_MS)
     link = page.url
     assert param(page, "dx") == ["malignant"] and param(page, "cluster") == ["4"]
     check(page, "permalink-source")
@@ -241,8 +252,8 @@ def test_permalink_reopens_the_same_view(page, browser, server):
     other.wait_for_selector("text=Tiles where C4 dominates", timeout=TIMEOUT_MS)
     idle(other)
     side = other.locator('[data-testid="stSidebar"]')
-    assert side.get_by_role("radio", name="Cluster").is_checked()
-    assert side.get_by_text("malignant").is_visible()
+    expect(side.get_by_role("radio", name="Cluster")).to_be_checked(timeout=TIMEOUT_MS)
+    expect(side.get_by_text("malignant")).to_be_visible(timeout=TIMEOUT_MS)
     assert selected(other, "Concept") == "C4"
     check(other, "permalink-reopened")
     side.get_by_text("Overview", exact=True).click()  # the colouring came with the link too
