@@ -1,8 +1,10 @@
-"""A small real atlas for the dashboard tests, built once per test session.
+"""A small atlas for the dashboard tests, built once per test session.
 
 Cohort: 4 benign + 4 malignant BreakHis images (two patients), the CMU slide (diagnosis "squamous"),
 small.svs (ends as "no tissue") and broken.svs (ends as "failed"), all from ../shared/data, run
 through `python -m precompute run` with the built-in capricorn-crc model on the CPU (about a minute).
+Without ../shared/data the same cohort is generated (`generated.write_review_cohort`: same slide ids,
+diagnoses, patients, subtypes, statuses), so every dashboard test runs on a plain clone too.
 
 Set LUMEN_DASHBOARD_TEST_ATLAS to an atlas built with `build_atlas` to skip the build while iterating.
 """
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from generated import write_review_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -35,13 +39,14 @@ def write_manifest(data: Path, out: Path) -> Path:
     return out
 
 
-def build_atlas(data: Path, folder: Path) -> Path:
-    """Run the pipeline on the mini cohort into folder/atlas.h5 (reused when already there)."""
+def build_atlas(data: Path | None, folder: Path) -> Path:
+    """Run the pipeline on the mini cohort (real with `data`, else generated) into folder/atlas.h5
+    (reused when already there)."""
     atlas = folder / "atlas.h5"
     if atlas.exists():
         return atlas
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(data, folder / "manifest.csv")
+    manifest = write_manifest(data, folder / "manifest.csv") if data else write_review_cohort(folder / "slides")
     proc = subprocess.run(
         [sys.executable, "-m", "precompute", "run", "--cohort", str(manifest), "--model", "capricorn-crc",
          "--out", str(atlas), "--mpp", "0.5", "--min-tissue", "0", "--workers", "1", "--no-progress"],
@@ -58,9 +63,7 @@ def dash_atlas(tmp_path_factory) -> Path:
     given = os.environ.get("LUMEN_DASHBOARD_TEST_ATLAS")
     if given:
         return Path(given)
-    if not DATA.is_dir():
-        pytest.skip(f"real test data not found at {DATA} (a plain clone has no ../shared/data)")
-    return build_atlas(DATA, tmp_path_factory.getbasetemp() / "dashboard-atlas")
+    return build_atlas(DATA if DATA.is_dir() else None, tmp_path_factory.getbasetemp() / "dashboard-atlas")
 
 
 APP = str(REPO / "dashboard" / "app.py")
