@@ -13,6 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
+# The second layer of tests: facts about the real files in ../shared/data (a plain clone has none).
+real_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA} (a plain clone has "
+                                                         "no ../shared/data)")
+
+
 def pytest_report_header(config):
     return f"test data: {DATA} ({'present' if DATA.is_dir() else 'MISSING: data tests will skip'})"
 

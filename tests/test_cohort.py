@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import real_data
+from generated import write_slide
 from precompute.cohort import SLIDE_SUFFIXES, CohortError, SlideRecord, load_cohort
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 SLIDES = DATA / "slides"
-CMU = SLIDES / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    """A generated slide file (its content does not matter to a manifest)."""
+    return write_slide(tmp_path_factory.mktemp("cohort") / "gen-1.svs", seed=0, width=256, height=256)
 
 
 def write(path: Path, text: str) -> Path:
@@ -21,6 +27,7 @@ def write(path: Path, text: str) -> Path:
 
 # -- real cohorts --------------------------------------------------------------------------------
 
+@real_data
 def test_breakhis_manifest():
     recs = load_cohort(DATA / "cohort" / "breakhis" / "manifest.csv")
     assert len(recs) == 32
@@ -37,6 +44,7 @@ def test_breakhis_manifest():
     assert len({r.slide_id for r in recs}) == 32
 
 
+@real_data
 def test_kather_manifest_has_pixel_size():
     recs = load_cohort(DATA / "tiles" / "kather-crc" / "manifest.csv")
     assert len(recs) == 32
@@ -48,11 +56,12 @@ def test_kather_manifest_has_pixel_size():
     assert all(r.patient is None and r.meta == {} for r in recs)
 
 
+@real_data
 def test_folder_source_lists_slides_sorted_by_name():
     recs = load_cohort(SLIDES)
     assert [r.slide_id for r in recs] == ["CMU-1-Small-Region", "boxes", "kidney-48-5", "small"]
     assert all(r.path.is_absolute() and r.diagnosis is None and r.mpp is None for r in recs)
-    assert recs[0].path == CMU.resolve()
+    assert recs[0].path == (SLIDES / "CMU-1-Small-Region.svs").resolve()
 
 
 def test_folder_skips_non_slides_hidden_files_and_subfolders(tmp_path):
@@ -78,9 +87,9 @@ def test_empty_folder(tmp_path):
         load_cohort(tmp_path)
 
 
-def test_single_slide_file_is_a_cohort_of_one():
-    (rec,) = load_cohort(CMU)
-    assert rec == SlideRecord("CMU-1-Small-Region", CMU.resolve(), None, None, None, {})
+def test_single_slide_file_is_a_cohort_of_one(slide):
+    (rec,) = load_cohort(slide)
+    assert rec == SlideRecord("gen-1", slide.resolve(), None, None, None, {})
 
 
 def test_slide_suffixes_are_lowercase_with_dot():
@@ -90,35 +99,35 @@ def test_slide_suffixes_are_lowercase_with_dot():
 
 # -- manifests written by users ------------------------------------------------------------------
 
-def test_relative_and_absolute_paths_bom_spaces_and_extra_columns(tmp_path):
+def test_relative_and_absolute_paths_bom_spaces_and_extra_columns(tmp_path, slide):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(b"x")
     m = tmp_path / "m.csv"
     m.write_bytes(("\ufeffSlide_ID , Path ,Diagnosis,MPP,patient,site\n"
                    " a , img/a.png , tumour , 0.25 , p1 , colon \n"
-                   f"cmu,{CMU},, ,,\n"
+                   f"cmu,{slide},, ,,\n"
                    "\n").encode("utf-8"))
     a, cmu = load_cohort(m)
     assert a == SlideRecord("a", (tmp_path / "img" / "a.png").resolve(), "tumour", 0.25, "p1", {"site": "colon"})
-    assert cmu.path == CMU.resolve() and cmu.diagnosis is None and cmu.mpp is None and cmu.patient is None
+    assert cmu.path == slide.resolve() and cmu.diagnosis is None and cmu.mpp is None and cmu.patient is None
     assert cmu.meta == {"site": ""}
 
 
-def test_semicolon_manifest_with_decimal_comma(tmp_path):
-    m = write(tmp_path / "m.csv", f"slide_id;path;mpp\ncmu;{CMU};0,499\n")
+def test_semicolon_manifest_with_decimal_comma(tmp_path, slide):
+    m = write(tmp_path / "m.csv", f"slide_id;path;mpp\ncmu;{slide};0,499\n")
     assert load_cohort(m)[0].mpp == pytest.approx(0.499)
 
 
-def test_duplicate_ids_name_both_rows(tmp_path):
-    m = write(tmp_path / "m.csv", f"slide_id,path\na,{CMU}\nb,{CMU}\na,{CMU}\n")
+def test_duplicate_ids_name_both_rows(tmp_path, slide):
+    m = write(tmp_path / "m.csv", f"slide_id,path\na,{slide}\nb,{slide}\na,{slide}\n")
     with pytest.raises(CohortError) as err:
         load_cohort(m)
     msg = str(err.value)
     assert "m.csv" in msg and "rows 2 and 4" in msg and "'a'" in msg
 
 
-def test_missing_file_names_row_and_resolved_path(tmp_path):
-    m = write(tmp_path / "m.csv", f"slide_id,path,diagnosis\nok,{CMU},x\ngone,slides/gone.svs,y\n")
+def test_missing_file_names_row_and_resolved_path(tmp_path, slide):
+    m = write(tmp_path / "m.csv", f"slide_id,path,diagnosis\nok,{slide},x\ngone,slides/gone.svs,y\n")
     with pytest.raises(CohortError) as err:
         load_cohort(m)
     msg = str(err.value)
@@ -132,8 +141,8 @@ def test_empty_manifest(tmp_path):
         load_cohort(write(tmp_path / "zero.csv", ""))
 
 
-def test_missing_required_columns(tmp_path):
-    m = write(tmp_path / "m.csv", f"id,file,diagnosis\na,{CMU},x\n")
+def test_missing_required_columns(tmp_path, slide):
+    m = write(tmp_path / "m.csv", f"id,file,diagnosis\na,{slide},x\n")
     with pytest.raises(CohortError) as err:
         load_cohort(m)
     msg = str(err.value)
@@ -153,8 +162,8 @@ def test_bad_mpp_values_name_their_rows(tmp_path):
     assert "row 2" not in msg and "row 6" not in msg
 
 
-def test_empty_slide_id_and_path_and_ragged_row(tmp_path):
-    m = write(tmp_path / "m.csv", f"slide_id,path\n,{CMU}\nb,\nc,{CMU},extra\nd/e,{CMU}\n")
+def test_empty_slide_id_and_path_and_ragged_row(tmp_path, slide):
+    m = write(tmp_path / "m.csv", f"slide_id,path\n,{slide}\nb,\nc,{slide},extra\nd/e,{slide}\n")
     with pytest.raises(CohortError) as err:
         load_cohort(m)
     msg = str(err.value)
@@ -172,9 +181,9 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "30 problems" in msg and "row 2:" in msg and "and 10 more" in msg
 
 
-def test_non_utf8_manifest(tmp_path):
+def test_non_utf8_manifest(tmp_path, slide):
     m = tmp_path / "latin1.csv"
-    m.write_bytes(f"slide_id,path,diagnosis\na,{CMU},carcinome épidermoïde\n".encode("latin-1"))
+    m.write_bytes(f"slide_id,path,diagnosis\na,{slide},carcinome épidermoïde\n".encode("latin-1"))
     with pytest.raises(CohortError, match="UTF-8"):
         load_cohort(m)
 

@@ -1,4 +1,8 @@
-"""Opening slides and plain images, region reads, level choice, bad inputs, and pixel-size rules."""
+"""Opening slides and plain images, region reads, level choice, bad inputs, and pixel-size rules.
+
+Generic behaviour is checked on generated files (tests/generated.py), compared pixel for pixel with the
+arrays written; facts about the real test files beside the checkout are a second layer that skips
+without ../shared/data."""
 
 from __future__ import annotations
 
@@ -10,115 +14,160 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import real_data
+from generated import slide_pixels, write_broken, write_slide, write_tiff
 from precompute.slides import PLAUSIBLE_MPP, PixelSize, SlideError, open_slide, resolve_pixel_size
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 SLIDES = DATA / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
+W, H = 768, 512  # the generated slide
 
 
-# -- real slides ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    """A generated 768 x 512 px two-level pyramidal TIFF at 0.5 um/px (seed 1)."""
+    return write_slide(tmp_path_factory.mktemp("slides") / "gen.tiff", seed=1, width=W, height=H)
 
-def test_cmu_opens_with_openslide_and_its_pixel_size():
-    with open_slide(CMU) as s:
+
+# -- generated slides ----------------------------------------------------------------------------
+
+def test_generated_tiff_opens_with_openslide_and_its_pixel_size(slide):
+    with open_slide(slide) as s:
         assert s.backend == "openslide"
-        assert s.dimensions == (2220, 2967)
-        assert s.level_dimensions == ((2220, 2967),)
-        assert s.file_mpp == pytest.approx(0.499, abs=1e-3)
+        assert s.dimensions == (W, H)
+        assert s.level_dimensions == ((W, H), (W // 4, H // 4))
+        assert s.file_mpp == pytest.approx(0.5)
 
 
-def test_read_region_is_rgb_uint8_and_white_outside_the_slide():
-    with open_slide(CMU) as s:
-        inside = s.read_region((1000, 1500), 0, (64, 32))
+def test_read_region_is_the_written_pixels_and_white_outside_the_slide(slide):
+    pixels = slide_pixels(1, W, H)
+    with open_slide(slide) as s:
+        inside = s.read_region((300, 200), 0, (64, 32))
         assert inside.shape == (32, 64, 3) and inside.dtype == np.uint8
-        assert inside.mean() < 230  # tissue in the middle of the section, not glass
+        assert (inside == pixels[200:232, 300:364]).all()  # lossless file: exactly what was written
         # Half the region lies right of the slide: that half must be pure white, not black.
-        edge = s.read_region((2220 - 16, 0), 0, (32, 32))
-        assert (edge[:, 16:] == 255).all()
+        edge = s.read_region((W - 16, 0), 0, (32, 32))
+        assert (edge[:, :16] == pixels[:32, W - 16:]).all() and (edge[:, 16:] == 255).all()
 
 
-def test_thumbnail_keeps_aspect_and_fits_max_px():
-    with open_slide(CMU) as s:
-        th = s.thumbnail(512)
-    assert th.dtype == np.uint8 and th.shape[2] == 3
-    assert max(th.shape[:2]) == 512
-    assert th.shape[:2] == (512, round(2220 * 512 / 2967))
+def test_thumbnail_keeps_aspect_and_fits_max_px(slide):
+    with open_slide(slide) as s:
+        th = s.thumbnail(256)
+    assert th.dtype == np.uint8 and th.shape == (round(H * 256 / W), 256, 3)
+    # It shows the slide, not something else: close to a plain downscale of the written pixels.
+    ref = np.asarray(Image.fromarray(slide_pixels(1, W, H)).resize((256, th.shape[0]), Image.BOX))
+    assert np.abs(th.astype(int) - ref.astype(int)).mean() < 10
 
 
-def test_thumbnail_never_enlarges():
-    with open_slide(SLIDES / "small.svs") as s:
+def test_thumbnail_never_enlarges(tmp_path):
+    with open_slide(write_slide(tmp_path / "tiny.tiff", 2, 16, 16, factors=(1,))) as s:
         assert s.thumbnail(2048).shape == (16, 16, 3)
 
 
-def test_boxes_pyramid_levels_and_level_choice():
-    with open_slide(SLIDES / "boxes.tiff") as s:
-        assert s.backend == "openslide"
-        assert s.level_dimensions == ((300, 250), (150, 125), (75, 62), (37, 31))
+def test_pyramid_levels_and_level_choice(tmp_path):
+    path = write_tiff(tmp_path / "pyr.tiff", slide_pixels(3, 300, 250), factors=(1, 2, 4, 8), tile=16)
+    with open_slide(path) as s:
+        assert s.level_dimensions == ((300, 250), (150, 125), (75, 63), (38, 32))  # Pillow's reduce rounds up
         assert s.best_level_for_downsample(1.0) == 0
         assert s.best_level_for_downsample(1.9) == 0   # level 1 would need enlarging
         assert s.best_level_for_downsample(2.0) == 1
         assert s.best_level_for_downsample(3.5) == 1
-        assert s.best_level_for_downsample(4.0) == 2   # level 2 is 4.016x: rounding, not a real upscale
+        assert s.best_level_for_downsample(4.0) == 2   # level 2 is 3.98x: rounding, not a real upscale
         assert s.best_level_for_downsample(100.0) == 3
         assert s.best_level_for_downsample(0.5) == 0
-        # The thumbnail comes from a coarse level and still covers the whole slide.
-        th = s.thumbnail(40)
+        th = s.thumbnail(40)  # from a coarse level, still the whole slide
         assert th.shape == (33, 40, 3)
-        region = s.read_region((0, 0), 3, (37, 31))
-        assert region.shape == (31, 37, 3)
+        assert s.read_region((0, 0), 3, (38, 32)).shape == (32, 38, 3)
 
 
-def test_boxes_implausible_file_mpp_is_reported_not_used():
-    with open_slide(SLIDES / "boxes.tiff") as s:
+def test_implausible_file_mpp_is_reported_not_used(tmp_path):
+    with open_slide(write_slide(tmp_path / "odd.tiff", 4, 64, 64, mpp=352.8, factors=(1,))) as s:
         assert s.file_mpp == pytest.approx(352.8, abs=0.1)
         with pytest.raises(SlideError) as err:
-            resolve_pixel_size("boxes", s.file_mpp, None, None, native=False)
+            resolve_pixel_size("odd", s.file_mpp, None, None, native=False)
         assert "352.8" in str(err.value) and "the file" in str(err.value)
-        px, warnings = resolve_pixel_size("boxes", s.file_mpp, None, 0.5, native=False)
+        px, warnings = resolve_pixel_size("odd", s.file_mpp, None, 0.5, native=False)
     assert px == PixelSize(0.5, "cli")
-    assert len(warnings) == 1 and "352.8" in warnings[0] and "boxes" in warnings[0]
+    assert len(warnings) == 1 and "352.8" in warnings[0] and "odd" in warnings[0]
 
 
-def test_kidney_plain_tiff_falls_back_to_image_reader_without_mpp():
-    with open_slide(SLIDES / "kidney-48-5.tif") as s:
-        assert s.backend == "image"
-        assert s.dimensions == (1493, 901)
-        assert s.level_downsamples == (1.0,)
+def test_plain_tiff_without_tiles_falls_back_to_image_reader_without_mpp(tmp_path):
+    pixels = slide_pixels(5, 300, 200)
+    path = tmp_path / "plain.tif"
+    Image.fromarray(pixels).save(path)  # a strip TIFF without resolution tags
+    with open_slide(path) as s:
+        assert s.backend == "image" and s.dimensions == (300, 200) and s.level_downsamples == (1.0,)
         assert s.file_mpp is None
         with pytest.raises(SlideError) as err:
-            resolve_pixel_size("kidney-48-5", s.file_mpp, None, None, native=False)
+            resolve_pixel_size("plain", s.file_mpp, None, None, native=False)
         msg = str(err.value)
-        assert "--mpp" in msg and "mpp` column" in msg and "--native-resolution" in msg
-        assert "kidney-48-5" in msg
-        px, warnings = resolve_pixel_size("kidney-48-5", s.file_mpp, None, None, native=True)
+        assert "--mpp" in msg and "mpp` column" in msg and "--native-resolution" in msg and "plain" in msg
+        px, warnings = resolve_pixel_size("plain", s.file_mpp, None, None, native=True)
         assert px == PixelSize(None, "native") and warnings == []
-        assert s.read_region((0, 0), 0, (10, 10)).shape == (10, 10, 3)
+        assert (s.read_region((10, 20), 0, (30, 40)) == pixels[20:60, 10:40]).all()
 
 
-def test_kather_png_tile_opens_as_image():
-    with open_slide(DATA / "tiles" / "kather-crc" / "ADI-TCGA-EENSRDNW.png") as s:
+def test_png_tile_opens_as_image(tmp_path):
+    pixels = slide_pixels(6, 224, 224)
+    Image.fromarray(pixels).save(tmp_path / "tile.png")
+    with open_slide(tmp_path / "tile.png") as s:
         assert s.backend == "image" and s.dimensions == (224, 224)
-        assert s.read_region((0, 0), 0, (224, 224)).shape == (224, 224, 3)
+        assert (s.read_region((0, 0), 0, (224, 224)) == pixels).all()
 
 
-def test_closed_slide_refuses_reads():
-    s = open_slide(CMU)
+def test_closed_slide_refuses_reads(slide):
+    s = open_slide(slide)
     s.close()
     s.close()  # closing twice is harmless
     with pytest.raises(SlideError, match="closed"):
         s.read_region((0, 0), 0, (8, 8))
 
 
+# -- real slides (../shared/data) ----------------------------------------------------------------
+
+@real_data
+def test_cmu_opens_with_openslide_and_its_pixel_size():
+    with open_slide(CMU) as s:
+        assert s.backend == "openslide"
+        assert s.dimensions == (2220, 2967)
+        assert s.level_dimensions == ((2220, 2967),)
+        assert s.file_mpp == pytest.approx(0.499, abs=1e-3)
+        assert s.read_region((1000, 1500), 0, (64, 32)).mean() < 230  # tissue in the middle of the section
+
+
+@real_data
+def test_real_files_open_with_their_known_geometry():
+    with open_slide(SLIDES / "boxes.tiff") as s:
+        assert s.level_dimensions == ((300, 250), (150, 125), (75, 62), (37, 31))
+        assert s.best_level_for_downsample(4.0) == 2   # level 2 is 4.016x
+        assert s.file_mpp == pytest.approx(352.8, abs=0.1)
+    with open_slide(SLIDES / "kidney-48-5.tif") as s:
+        assert s.backend == "image" and s.dimensions == (1493, 901) and s.file_mpp is None
+    with open_slide(DATA / "tiles" / "kather-crc" / "ADI-TCGA-EENSRDNW.png") as s:
+        assert s.backend == "image" and s.dimensions == (224, 224)
+
+
 # -- bad inputs ----------------------------------------------------------------------------------
 
-def test_broken_svs_names_file_and_reason():
-    path = DATA / "bad" / "broken.svs"
+def test_broken_svs_names_file_and_reason(tmp_path):
+    path = write_broken(tmp_path / "broken.svs")
     with pytest.raises(SlideError) as err:
         open_slide(path)
     msg = str(err.value)
     assert "broken.svs" in msg and "not a readable slide" in msg
     assert "OpenSlideUnsupportedFormatError" in msg
+
+
+@real_data
+def test_real_broken_and_truncated_files_are_refused(tmp_path):
+    with pytest.raises(SlideError, match="not a readable slide") as err:
+        open_slide(DATA / "bad" / "broken.svs")
+    assert "broken.svs" in str(err.value)
+    p = tmp_path / "cut.svs"
+    p.write_bytes(CMU.read_bytes()[:1_000_000])
+    with pytest.raises(SlideError, match="not a readable slide"):
+        open_slide(p)
 
 
 def test_nonexistent_path(tmp_path):
@@ -147,27 +196,28 @@ def test_text_file_renamed_svs(tmp_path):
     assert "notes.svs" in str(err.value)
 
 
-def test_truncated_copy_of_cmu(tmp_path):
-    p = tmp_path / "cut.svs"
-    p.write_bytes(CMU.read_bytes()[:1_000_000])
+def test_truncated_copy_of_a_slide(slide, tmp_path):
+    p = tmp_path / "cut.tiff"
+    p.write_bytes(slide.read_bytes()[: slide.stat().st_size // 2])
     with pytest.raises(SlideError, match="not a readable slide"):
         open_slide(p)
 
 
-def test_corrupt_tile_data_fails_on_read_with_a_reason(tmp_path):
+def test_corrupt_tile_data_fails_on_read_with_a_reason(slide, tmp_path):
     # Headers intact, compressed tiles zeroed: the file opens, the read must fail clearly.
-    data = bytearray(CMU.read_bytes())
-    data[200_000:600_000] = bytes(400_000)
-    p = tmp_path / "zeroed.svs"
+    data = bytearray(slide.read_bytes())
+    data[len(data) // 4: len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)
+    p = tmp_path / "zeroed.tiff"
     p.write_bytes(bytes(data))
     with open_slide(p) as s:
         with pytest.raises(SlideError) as err:
             s.read_region((0, 0), 0, s.dimensions)
-    assert "zeroed.svs" in str(err.value) and "corrupt" in str(err.value)
+    assert "zeroed.tiff" in str(err.value) and "corrupt" in str(err.value)
 
 
 def test_truncated_png(tmp_path):
-    src = DATA / "cohort" / "breakhis" / "SOB_B_A-14-22549AB-100-001.png"
+    src = tmp_path / "whole.png"
+    Image.fromarray(slide_pixels(7, 300, 200)).save(src)
     p = tmp_path / "cut.png"
     p.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(SlideError, match="not a readable slide") as err:
@@ -176,9 +226,9 @@ def test_truncated_png(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file regardless of mode")
-def test_unreadable_permissions(tmp_path):
+def test_unreadable_permissions(slide, tmp_path):
     p = tmp_path / "locked.svs"
-    shutil.copy(CMU, p)
+    shutil.copy(slide, p)
     p.chmod(0)
     try:
         with pytest.raises(SlideError, match="permission"):
@@ -260,13 +310,13 @@ def test_implausible_values_fall_through_to_next_source_or_native():
     assert resolve_pixel_size("a", hi, None, None, native=False)[0].mpp == hi
 
 
-def test_thumbnail_of_a_huge_level_is_built_in_bands_without_seams(monkeypatch):
+def test_thumbnail_of_a_huge_level_is_built_in_bands_without_seams(slide, monkeypatch):
     # Force band-by-band reading (as for a level too large for memory) and compare with one piece.
     import precompute.slides as slides_mod
 
-    with open_slide(CMU) as s:
+    with open_slide(slide) as s:
         whole = s.thumbnail(700)
-        monkeypatch.setattr(slides_mod, "_THUMB_BAND_PX", 2220 * 97)  # bands of ~97 level rows
+        monkeypatch.setattr(slides_mod, "_THUMB_BAND_PX", W * 97)  # bands of ~97 level rows
         banded = s.thumbnail(700)
     assert banded.shape == whole.shape
     diff = np.abs(banded.astype(int) - whole.astype(int))

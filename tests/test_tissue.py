@@ -1,4 +1,6 @@
-"""Tissue mask and tile grid on real slides: what a user checks before trusting a run's tiles."""
+"""Tissue mask and tile grid: what a user checks before trusting a run's tiles. Generic rules on a
+generated slide whose tissue is known pixel for pixel; facts about the real slides beside the checkout
+as a second layer (skipped without ../shared/data)."""
 
 from __future__ import annotations
 
@@ -7,17 +9,126 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import real_data
+from generated import slide_pixels, write_slide, write_tiff
 from precompute.slides import open_slide
 from precompute.tissue import plan_tiles, read_tile, tissue_mask
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 SLIDES = DATA / "slides"
 KATHER = DATA / "tiles" / "kather-crc"
+W, H = 768, 512  # the generated slide, 0.5 um/px
 
 
 @pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    with open_slide(write_slide(tmp_path_factory.mktemp("tissue") / "gen.tiff", seed=1, width=W, height=H)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def truth() -> np.ndarray:
+    """(H, W) bool: where the generated slide has stained tissue (not glass), from its own pixels."""
+    return slide_pixels(1, W, H).astype(int).sum(axis=2) < 3 * 225
+
+
+@pytest.fixture(scope="module")
+def grid(gen):
+    return plan_tiles(gen, gen.file_mpp, target_mpp=0.5, tile_px=64)
+
+
+def test_mask_matches_the_generated_tissue(grid, truth):
+    assert grid.mask.dtype == bool and grid.mask.shape == truth.shape and grid.mask_downsample == 1
+    assert (grid.mask == truth).mean() > 0.99
+
+
+def test_grid_geometry(grid, gen, truth):
+    g = grid
+    assert g.tile_l0 == 64 and g.stride_l0 == 64 and g.level == 0 and g.read_px == 64 and not g.upsampled
+    assert g.grid_shape == (H // 64, W // 64)
+    # Kept tiles: exactly those whose tissue fraction (from the true tissue) is at least 0.25.
+    frac = truth.reshape(H // 64, 64, W // 64, 64).mean(axis=(1, 3))
+    expect = np.argwhere(frac >= 0.25)
+    assert len(g) == len(expect) and abs(np.abs(g.grid_index - expect).sum()) <= 2  # borderline tiles may differ
+    assert g.coords.shape == (len(g), 2) and g.coords.dtype == np.int64
+    assert g.grid_index.dtype == np.int32 and g.tissue_frac.dtype == np.float32
+    assert (g.coords == g.grid_index[:, ::-1] * 64).all()  # on the lattice, (x, y) order
+    flat = g.grid_index[:, 0].astype(np.int64) * g.grid_shape[1] + g.grid_index[:, 1]
+    assert (np.diff(flat) > 0).all()  # row-major (file) order
+    np.testing.assert_allclose(g.tissue_frac, frac[tuple(g.grid_index.T)], atol=0.02)
+
+
+def test_tiles_are_the_slide_pixels(grid, gen):
+    pixels = slide_pixels(1, W, H)
+    best = int(np.argmax(grid.tissue_frac))
+    x, y = grid.coords[best]
+    tile = read_tile(gen, grid, best)
+    assert tile.shape == (64, 64, 3) and tile.dtype == np.uint8
+    assert (tile == pixels[y:y + 64, x:x + 64]).all()
+    r, g, b = tile.reshape(-1, 3).mean(0)
+    assert tile.mean() < 220 and r > g and b > g  # stained pink/purple, not glass
+
+
+def test_coarser_target_reads_a_coarser_level_and_shrinks(gen):
+    g = plan_tiles(gen, gen.file_mpp, target_mpp=2.0, tile_px=64)
+    assert g.tile_l0 == 256 and g.level == 1 and g.read_px == 64  # level 1 is the 1/4 level
+    tile = read_tile(gen, g, 0)
+    assert tile.shape == (64, 64, 3) and tile.dtype == np.uint8
+
+
+def test_finer_target_than_the_scan_enlarges(gen):
+    g = plan_tiles(gen, gen.file_mpp, target_mpp=0.25, tile_px=64)
+    assert g.upsampled and g.read_px == 32
+    assert read_tile(gen, g, 0).shape == (64, 64, 3)
+
+
+def test_min_tissue_zero_keeps_every_grid_tile(gen):
+    g = plan_tiles(gen, gen.file_mpp, tile_px=64, min_tissue=0)
+    assert len(g) == g.grid_shape[0] * g.grid_shape[1]
+    assert (g.tissue_frac == 0).any()  # glass tiles included
+
+
+def test_slide_smaller_than_a_tile_has_no_tiles_and_no_error(tmp_path):
+    with open_slide(write_slide(tmp_path / "small.tiff", 2, 16, 16, factors=(1,))) as s:
+        g = plan_tiles(s, s.file_mpp)
+    assert len(g) == 0 and g.coords.shape == (0, 2) and g.grid_index.shape == (0, 2)
+    assert g.grid_shape == (0, 0) and g.mask.shape == (16, 16)
+
+
+def test_tiles_read_from_a_coarser_pyramid_level(tmp_path):
+    path = write_tiff(tmp_path / "pyr.tiff", slide_pixels(3, 300, 250), factors=(1, 2, 4, 8), tile=16)
+    with open_slide(path) as s:
+        # Pretend 0.125 um/px so that 0.5 um/px tiles need a 4x downsample: level 2.
+        g = plan_tiles(s, 0.125, target_mpp=0.5, tile_px=16, min_tissue=0)
+        assert g.level == 2 and g.read_px == round(64 / s.level_downsamples[2])
+        assert g.tile_l0 == 64 and g.grid_shape == (250 // 64, 300 // 64)
+        assert read_tile(s, g, 0).shape == (16, 16, 3)
+
+
+def test_mask_keeps_all_tissue_image_whole():
+    # An all-tissue tile (pale pink and dark purple halves) must not be split into "pale" and "dark".
+    rng = np.random.default_rng(1)
+    img = np.empty((224, 224, 3), float)
+    img[:, :112], img[:, 112:] = (232, 150, 190), (120, 60, 150)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    assert tissue_mask(img).mean() > 0.95
+
+
+def test_plan_rejects_bad_parameters(gen):
+    with pytest.raises(ValueError, match="min_tissue"):
+        plan_tiles(gen, 0.5, min_tissue=25)
+    with pytest.raises(ValueError, match="tile_px"):
+        plan_tiles(gen, 0.5, tile_px=0)
+    with pytest.raises(IndexError, match="grid has"):
+        read_tile(gen, plan_tiles(gen, 0.5, tile_px=64), 10_000)
+
+
+# -- real slides (../shared/data) ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
 def cmu():
+    if not DATA.is_dir():
+        pytest.skip(f"real test data not found at {DATA} (a plain clone has no ../shared/data)")
     with open_slide(SLIDES / "CMU-1-Small-Region.svs") as s:
         yield s
 
@@ -61,56 +172,7 @@ def test_cmu_grid_geometry(cmu_grid, cmu):
     assert (g.tissue_frac >= 0.25).all() and (g.tissue_frac <= 1).all()
 
 
-def test_cmu_tiles_look_like_tissue(cmu_grid, cmu):
-    best = int(np.argmax(cmu_grid.tissue_frac))
-    tile = read_tile(cmu, cmu_grid, best)
-    assert tile.shape == (224, 224, 3) and tile.dtype == np.uint8
-    assert tile.mean() < 200  # stained tissue, not glass (glass is ~240-255)
-    assert tile.std() > 10
-    # A stained H&E tile is pink/purple: red and blue above green on average.
-    r, g, b = tile.reshape(-1, 3).mean(0)
-    assert r > g and b > g
-
-
-def test_tissue_fraction_matches_the_mask_under_each_tile(cmu_grid):
-    # Recompute a few fractions by brute force on the mask (whole mask pixels) and compare.
-    g = cmu_grid
-    ds = g.mask_downsample
-    for i in range(0, len(g), 7):
-        x, y = g.coords[i]
-        x0, y0 = int(round(x / ds)), int(round(y / ds))
-        x1, y1 = int(round((x + g.tile_l0) / ds)), int(round((y + g.tile_l0) / ds))
-        assert g.mask[y0:y1, x0:x1].mean() == pytest.approx(g.tissue_frac[i], abs=0.05)
-
-
-def test_coarser_target_reads_bigger_footprint_and_shrinks(cmu):
-    g = plan_tiles(cmu, cmu.file_mpp, target_mpp=1.0, tile_px=128, stride_px=64)
-    assert g.tile_l0 == pytest.approx(128 * 1.0 / 0.499) and g.stride_l0 == pytest.approx(64 / 0.499)
-    assert g.read_px == round(g.tile_l0) and g.level == 0
-    tile = read_tile(cmu, g, 0)
-    assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
-
-
-def test_finer_target_than_the_scan_enlarges(cmu):
-    g = plan_tiles(cmu, cmu.file_mpp, target_mpp=0.25, tile_px=64)
-    assert g.upsampled and g.read_px == 32
-    assert read_tile(cmu, g, 0).shape == (64, 64, 3)
-
-
-def test_min_tissue_zero_keeps_every_grid_tile(cmu):
-    g = plan_tiles(cmu, cmu.file_mpp, min_tissue=0)
-    assert len(g) == g.grid_shape[0] * g.grid_shape[1]
-    assert (g.tissue_frac == 0).any()  # glass tiles included
-
-
-def test_small_svs_has_no_tiles_and_no_error():
-    with open_slide(SLIDES / "small.svs") as s:
-        g = plan_tiles(s, s.file_mpp)
-    assert len(g) == 0 and g.coords.shape == (0, 2) and g.grid_index.shape == (0, 2)
-    assert g.grid_shape == (0, 0)
-    assert g.mask.shape == (16, 16)
-
-
+@real_data
 def test_kidney_native_resolution_tiles_find_the_small_section():
     with open_slide(SLIDES / "kidney-48-5.tif") as s:
         g = plan_tiles(s, None)  # native: 224 px tiles of the file's own pixels
@@ -127,16 +189,7 @@ def test_kidney_native_resolution_tiles_find_the_small_section():
     assert tile.shape == (224, 224, 3) and tile.min() < 150
 
 
-def test_boxes_tiles_read_from_a_coarser_pyramid_level():
-    with open_slide(SLIDES / "boxes.tiff") as s:
-        # Pretend 0.125 um/px so that 0.5 um/px tiles need a 4x downsample: level 2 (4.016x).
-        g = plan_tiles(s, 0.125, target_mpp=0.5, tile_px=16, min_tissue=0)
-        assert g.level == 2 and g.read_px == round(64 / s.level_downsamples[2])
-        assert g.tile_l0 == 64 and g.grid_shape == (250 // 64, 300 // 64)
-        tile = read_tile(s, g, 0)
-    assert tile.shape == (16, 16, 3)
-
-
+@real_data
 def test_kather_tiles_keep_their_single_tile_with_min_tissue_zero():
     # Pre-cut 224 px tiles at 0.5 um/px: each is exactly one grid tile; adipose is mostly white.
     for path in sorted(KATHER.glob("*.png"))[::4]:
@@ -155,17 +208,10 @@ def test_mask_of_blank_and_black_images_is_empty():
     assert not tissue_mask(np.full((50, 50, 3), 255, np.uint8)).any()
 
 
-def test_mask_keeps_all_tissue_image_whole():
-    # An all-tissue tile must not be split into "pale" and "dark" halves.
+@real_data
+def test_mask_keeps_a_real_all_tissue_tile_whole():
     with open_slide(KATHER / "STR-TCGA-HGDYLEWM.png") as s:
         rgb = s.read_region((0, 0), 0, s.dimensions)
     assert tissue_mask(rgb).mean() > 0.95
 
 
-def test_plan_rejects_bad_parameters(cmu):
-    with pytest.raises(ValueError, match="min_tissue"):
-        plan_tiles(cmu, 0.5, min_tissue=25)
-    with pytest.raises(ValueError, match="tile_px"):
-        plan_tiles(cmu, 0.5, tile_px=0)
-    with pytest.raises(IndexError, match="grid has"):
-        read_tile(cmu, plan_tiles(cmu, 0.5), 10_000)
