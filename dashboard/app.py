@@ -74,6 +74,7 @@ def main() -> None:
         st.caption("The address bar holds this view (page, concept, slide, filters, colouring): "
                    "copy it to reopen the same view.")
         naming.sidebar(data)
+    state.full_run_started()
     st.session_state["_charts_drawn"] = 0  # numbers the charts' PNG buttons in page order (stable keys)
     st.session_state["_page_name"] = page
     with atlas_guard():  # a damaged part of the atlas gets Lumen's message, not a Streamlit error box

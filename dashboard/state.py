@@ -11,6 +11,8 @@ concept), tile (global tile row), target, min_share.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import streamlit as st
@@ -84,7 +86,27 @@ def get(name: str, default: Any = None, parse: Callable[[Any], Any] = str) -> An
 
 
 def go(**params: Any) -> None:
-    """Callback for buttons that change the view (e.g. open a concept): sets widgets and URL."""
+    """Callback for buttons that change the view (e.g. open a concept): sets widgets and URL.
+    A page change asks for a rerun of the whole app (see `fragment`)."""
     for name, value in params.items():
         st.session_state[widget_key(name)] = value
         write(name, value)
+    if "page" in params:
+        st.session_state["_rerun_app"] = True
+
+
+def fragment(fn: Callable) -> Callable:
+    """st.fragment that honours a page change asked by a widget inside it: a fragment's widget reruns
+    only its fragment, so without this an 'Open on slide' in the overview's gallery changed the URL
+    while the overview stayed on screen."""
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        if st.session_state.pop("_rerun_app", False):
+            st.rerun(scope="app")
+        return fn(*args, **kwargs)
+    return st.fragment(body)
+
+
+def full_run_started() -> None:
+    """Called at the top of every full run: any page change asked for is being shown now."""
+    st.session_state.pop("_rerun_app", None)

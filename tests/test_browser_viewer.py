@@ -242,6 +242,31 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
     check(page, "outline-after-list-pick")
 
 
+def test_scatter_point_opens_its_tile_outlined(page, server, atlas, dash_atlas):
+    """One click on a point of the overview scatter picks that tile; its 'Open on slide' opens the slide
+    there, outlined. The point is one of the CMU slide's (its tooltip names the slide)."""
+    open_view(page, server, "?page=overview")
+    point = page.locator('[data-testid="stVegaLiteChart"] svg.marks g.mark-symbol path[aria-label*="slide: cmu;"]').first
+    point.scroll_into_view_if_needed()
+    label = point.get_attribute("aria-label")
+    box = point.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.get_by_text("Picked tile").wait_for(timeout=TIMEOUT_MS)
+    idle(page)
+    check(page, "scatter-point-picked")
+    page.locator(".st-key-gal_pick_open_0 button").first.click()
+    page.wait_for_function("() => location.search.includes('page=slides')", timeout=TIMEOUT_MS)
+    idle(page)
+    row = int(param(page, "tile")[0])
+    assert param(page, "slide") == ["cmu"]
+    with Atlas(dash_atlas) as a:  # the opened tile is the clicked point: same projection (as the tooltip shows it)
+        proj = a.tiles(["proj"])["proj"][row]
+    shown = {k: float(v.replace("\u2212", "-")) for k, v in (f.split(": ") for f in label.split("; ")[:2])}
+    assert abs(shown["px"] - proj[0]) < 1e-6 and abs(shown["py"] - proj[1]) < 1e-6, (shown, proj)
+    assert_outlined(page, atlas, row)
+    check(page, "scatter-point-opened-outlined")
+
+
 def test_tile_permalink_is_outlined(page, server, atlas):
     start = int(atlas["slides"]["tile_start"][atlas["index"]])
     row = start + int(atlas["slides"]["n_tiles"][atlas["index"]]) // 2

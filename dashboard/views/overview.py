@@ -239,7 +239,7 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
     return alt.layer(image, points).properties(height=680)
 
 
-@st.fragment
+@state.fragment
 @guarded
 def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
     """Scatter, brush and gallery; a fragment, so brushing reruns only this part of the page."""

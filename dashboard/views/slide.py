@@ -173,7 +173,7 @@ def _selected_tile(data: AtlasData, i: int) -> int | None:
     return r if r is not None and start <= r < start + n else None
 
 
-@st.fragment
+@state.fragment
 def _viewer(data: AtlasData, i: int, sid: str, layer: str, concept: int, output: int, opacity: int) -> None:
     """Viewer, its buttons and the tile panel: a fragment, so a zoom, pan or tile pick reruns only this part."""
     w, h = slide_size(data, i)
