@@ -20,6 +20,7 @@ from .clustering import sample_rows
 from .parts import load_part
 from .config import RunConfig
 from .fidelity import k_grid_cells, output_regression, repeated_group_cv, summarise_cam_correlation
+from .regression import tile_groups as group_codes
 from .nmf import TorchNMF
 from .store import AtlasWriter
 from .targets import default_target, target_values
@@ -31,11 +32,7 @@ K_GRID_MAX_TILE_CELLS = 100_000  # cells of whole calibration tiles whose featur
 
 def tile_groups(w: AtlasWriter) -> tuple[np.ndarray, str]:
     """Per-tile group labels for cross-validation: patients when every slide has one, else slides."""
-    slide = w.tile_column("slide")
-    patients = w.slide_column("patient")
-    if patients and all(patients):
-        return np.asarray(patients, dtype=object)[slide], "patient"
-    return slide.astype(np.int64), "slide"
+    return group_codes(w.tile_column("slide"), w.slide_column("patient"))
 
 
 def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_parts: list[Path],

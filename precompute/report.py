@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .fidelity import choose_output, fidelity_from_atlas, output_regression, repeated_group_cv
+from .regression import tile_groups
 from .store import Atlas
 from .targets import check_target, default_target, describe, target_values
 
@@ -43,11 +44,7 @@ def _num(value: Any) -> float | int | None:
 def _tile_groups(atlas: Atlas, slide_of_tile: np.ndarray) -> tuple[np.ndarray, str]:
     """Cross-validation groups per tile, as the run makes them: patients when the manifest gave every
     slide one, else slides. Returns (groups (N,), "patient" | "slide")."""
-    slides = atlas.slides()
-    patient = np.asarray(slides.get("patient", ()), dtype=object)
-    if len(patient) and all(patient):
-        return patient[slide_of_tile], "patient"
-    return np.asarray(slide_of_tile, dtype=np.int64), "slide"
+    return tile_groups(slide_of_tile, atlas.slides().get("patient", ()))
 
 
 def _target_chunked(atlas: Atlas, index: int, target: str, activation: str, chunk: int = 131_072) -> np.ndarray:

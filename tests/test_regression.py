@@ -10,7 +10,7 @@ from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score as sk_r2
 from sklearn.model_selection import GroupKFold
 
-from precompute.regression import output_regression, repeated_group_cv
+from precompute.regression import output_regression, repeated_group_cv, tile_groups
 
 
 def _data(seed: int, n_groups: int = 13, collinear: bool = False):
@@ -77,3 +77,19 @@ def test_undefined_cases_say_why():
     with pytest.raises(ValueError, match="NaN"):
         output_regression(X, np.where(np.arange(len(y)) == 3, np.nan, y), groups)
     assert np.isnan(repeated_group_cv(X, y, np.zeros(len(y)))["r2_cv_median"])
+
+
+def test_patient_codes_give_the_folds_of_the_patient_names():
+    X, y, _ = _data(5, n_groups=6)
+    rng = np.random.default_rng(5)
+    patients = np.array(["P-10", "P-02", "P-02", "P-31", "P-07", "P-10", "P-19", "P-44", "P-07"])
+    slide_of_tile = rng.integers(0, len(patients), len(y))
+    codes, kind = tile_groups(slide_of_tile, patients)
+    assert kind == "patient" and codes.dtype == np.int64
+    by_name = output_regression(X, y, patients[slide_of_tile], seed=2)
+    by_code = output_regression(X, y, codes, seed=2)
+    np.testing.assert_array_equal(by_code["fold"], by_name["fold"])
+    assert by_code["r2_cv"] == by_name["r2_cv"]
+    # one slide without a patient: slides are the groups
+    codes, kind = tile_groups(slide_of_tile, np.where(np.arange(9) == 4, "", patients))
+    assert kind == "slide" and (codes == slide_of_tile).all()
