@@ -11,6 +11,7 @@ slides are kept, an earlier atlas is unchanged); 130 interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .cli_options import resolve, run_signature, split
 from .runlog import PassProgress, group_failures, make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -61,135 +63,49 @@ MODEL_HELP = ("'capricorn-crc' (built-in demo), a state_dict checkpoint with --a
               "or 'package.module:factory'.")
 
 
-@app.command()
-def run(
-    cohort: Path = typer.Option(..., "--cohort", help="Manifest CSV (slide_id,path,diagnosis[,mpp,patient,...]) "
-                                "or a folder of slides."),
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="Atlas file to write (e.g. atlas.h5)."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Module name to hook (see `layers`). Default: "
-                                        "the model's default layer."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a state_dict "
-                                      "checkpoint: a torchvision name (resnet50) or timm:NAME."),
-    k: int = typer.Option(6, "--k", min=2, help="Number of NMF concepts (clusters)."),
-    kmeans_k: Optional[int] = typer.Option(None, "--kmeans-k", min=2, help="Tile-level k-means clusters "
-                                           "(default: --k)."),
-    tile_px: Optional[int] = typer.Option(None, "--tile-px", min=16, help="Tile side in px fed to the model "
-                                          "(default: the model's input size)."),
-    stride_px: Optional[int] = typer.Option(None, "--stride-px", min=1, help="Grid step in px (default: tile "
-                                            "size, no overlap)."),
-    target_mpp: float = typer.Option(0.5, "--target-mpp", min=0.01, help="Pixel size tiles are resampled to, "
-                                     "um/px."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", min=0.01, help="Pixel size (um/px) for slides whose file "
-                                        "and manifest give none."),
-    native_resolution: bool = typer.Option(False, "--native-resolution", help="Tile slides without a known "
-                                           "pixel size at their own pixels instead of failing them."),
-    min_tissue: float = typer.Option(0.25, "--min-tissue", min=0.0, max=1.0, help="Minimum tissue fraction "
-                                     "of a kept tile; 0 keeps every tile (pre-cut tile datasets)."),
-    edge_cells: int = typer.Option(0, "--edge-cells", min=0, help="Cells dropped at each tile edge before "
-                                   "averaging overlapping tiles (needs --stride-px < --tile-px)."),
-    relu: Optional[bool] = typer.Option(None, "--relu/--no-relu", help="Apply ReLU to the captured "
-                                        "activations (default: the model's setting)."),
-    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Reuse the concepts H of an earlier atlas."),
-    projection: str = typer.Option("pca", "--projection", help="2-D projection: pca or umap."),
-    seed: int = typer.Option(0, "--seed", help="Seed for every random choice."),
-    calib_tiles: int = typer.Option(48, "--calib-tiles", min=1, help="Tiles sampled per slide to fit the concepts."),
-    calib_cells: Optional[int] = typer.Option(None, "--calib-cells", min=1, help="Cells sampled per calibration "
-                                              "tile. Default: all of a tile's cells while the calibration sample "
-                                              "fits --max-calib-cells, else as many as fit (at least 8)."),
-    max_calib_cells: int = typer.Option(200_000, "--max-calib-cells", min=10, help="Cap on pooled cells for NMF."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Tiles per model batch."),
-    workers: int = typer.Option(-1, "--workers", help="Tile-reading processes (-1: CPU cores - 1, 0: read in "
-                                "the main process)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:1, cpu."),
-    input_px: Optional[int] = typer.Option(None, "--input-px", help="Override the model's input size."),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Override input scaling (e.g. 0.00392157)."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Override per-channel mean, e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, "--std", help="Override per-channel std, e.g. 0.229,0.224,0.225."),
-    output_activation: str = typer.Option("auto", "--output-activation", help="Probabilities from outputs: "
-                                          "auto (softmax, or sigmoid for one output), softmax, sigmoid, none."),
-    explain: Optional[str] = typer.Option(None, "--explain", help="Model output (name or index) the fidelity "
-                                          "statistics explain. Default: TUM for the demo model, the only or "
-                                          "positive output of one- and two-output models."),
-    target: Optional[str] = typer.Option(None, "--target", help="What of the explained output the regression, "
-                                         "GradCAM and importance explain: logit, log-odds (one-vs-rest) or "
-                                         "contrast (logit minus the mean of the others). Default: log-odds for "
-                                         "softmax heads, logit for sigmoid or single-output heads."),
-    gradcam: bool = typer.Option(False, "--gradcam/--no-gradcam", help="Compute GradCAM of the explained output "
-                                 "in the full pass (costs a backward pass) and correlate it with each concept."),
-    importance: bool = typer.Option(False, "--importance/--no-importance", help="Concept importance by "
-                                    "intervention: remove each concept from the hooked layer and rerun the rest "
-                                    "of the network (2K extra forward passes per batch)."),
-    positive_threshold: float = typer.Option(0.5, "--positive-threshold", min=0.0, max=1.0,
-                                             help="Probability above which a tile counts as called positive."),
-    k_grid: str = typer.Option("4,6,8,10", "--k-grid", help="K values compared on the calibration sample "
-                               "(comma-separated; empty to skip)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress bars."),
-    dask: Optional[str] = typer.Option(None, "--dask", help="Run the passes as one task per slide on Dask: "
-                                       "local:N (N worker processes here) or a scheduler address "
-                                       "(tcp://host:8786, or a scheduler file *.json). See README."),
-) -> None:
+def run(**values) -> None:
     """Compute an atlas: tiles -> activations -> NMF concepts -> cluster maps -> atlas.h5.
 
     Re-running the same command resumes: finished slides are reused, the rest is redone.
     """
-    code = run_job(**locals())  # the options above, by name: run_job's parameters are the same
-    raise typer.Exit(code)
+    raise typer.Exit(run_job(**values))
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = (0,)
-    if any(v < 2 for v in values):
-        _fail(f"{name} needs comma-separated whole numbers >= 2, e.g. 4,6,8,10; got {text!r}")
-    return values
+# The options are declared once (config.RunConfig and cli_options.JobOptions); Typer reads them from here.
+run.__signature__ = run_signature()
+app.command()(run)
 
 
-def run_job(*, cohort: Path, model: str, out: Path, layer=None, arch=None, k=6, kmeans_k=None, tile_px=None,
-            stride_px=None, target_mpp=0.5, mpp=None, native_resolution=False, min_tissue=0.25, edge_cells=0,
-            relu=None, concepts=None, projection="pca", seed=0, calib_tiles=48, calib_cells=None,
-            max_calib_cells=200_000, batch_size=32, workers=-1, device="auto", input_px=None, scale=None,
-            mean=None, std=None, output_activation="auto", explain=None, target=None, gradcam=False,
-            importance=False, positive_threshold=0.5, k_grid="4,6,8,10", progress=True, dask=None) -> int:
-    """The `run` command as a function (also used by `demo`). Returns the exit code."""
-    from .config import RunConfig
+def run_job(**values) -> int:
+    """The `run` command as a function (also used by `demo`): options by their parameter names in `run
+    --help` order, as the command line gives them (k_grid as text); missing ones take their defaults.
+    Returns the exit code."""
     from .pipeline import ConfigError, run as run_pipeline
-    from .models import ModelError, default_relu
+    from .models import ModelError
 
-    if projection not in ("pca", "umap"):
-        _fail(f"--projection must be pca or umap, got {projection!r}")
-    if dask is not None:
-        from .dask_run import check_dask_option
-        try:
-            check_dask_option(dask)
-        except ValueError as exc:
-            _fail(str(exc))
-    if output_activation not in ("auto", "softmax", "sigmoid", "none"):
-        _fail(f"--output-activation must be auto, softmax, sigmoid or none, got {output_activation!r}")
-    from .targets import check_target
     try:
-        target = check_target(target)
+        cfg, job = split(values)
     except ValueError as exc:
         _fail(str(exc))
-    records = _cohort_records(cohort, mpp)
-    loaded = _load(model, arch, input_px, scale, mean, std)
-    spec = loaded.spec
-    layer = layer or spec.default_layer
-    if not layer:
-        _fail(f"--layer is required for {model} (list the layers with `python -m precompute layers --model "
-              f"{shlex.quote(model)}`).")
-    tile = tile_px or spec.input_px
-    if workers < 0:
-        workers = max(0, min(8, (os.cpu_count() or 2) - 1))
-    cfg = RunConfig(model=model, layer=layer, arch=arch, model_sha256=loaded.sha256,
-                    relu=default_relu(spec, layer) if relu is None else relu, tile_px=tile, stride_px=stride_px or tile,
-                    target_mpp=target_mpp, cli_mpp=mpp, native_resolution=native_resolution, min_tissue=min_tissue,
-                    edge_cells=edge_cells, k=k, kmeans_k=kmeans_k, seed=seed, calib_tiles_per_slide=calib_tiles,
-                    calib_cells_per_tile=calib_cells, calib_max_cells=max_calib_cells, projection=projection,
-                    output_activation=output_activation, target=target, gradcam=gradcam,
-                    importance=importance, positive_threshold=positive_threshold, k_grid=_ints(k_grid, "--k-grid"), batch_size=batch_size, workers=workers, device=device)
+    if job.dask is not None:
+        from .dask_run import check_dask_option
+        try:
+            check_dask_option(job.dask)
+        except ValueError as exc:
+            _fail(str(exc))
+    from .targets import check_target
+    try:
+        cfg = dataclasses.replace(cfg, target=check_target(cfg.target))
+    except ValueError as exc:
+        _fail(str(exc))
+    records = _cohort_records(job.cohort, cfg.cli_mpp)
+    loaded = _load(cfg.model, cfg.arch, job.input_px, job.scale, job.mean, job.std)
+    try:
+        cfg = resolve(cfg, loaded)
+    except ValueError:
+        _fail(f"--layer is required for {cfg.model} (list the layers with `python -m precompute layers --model "
+              f"{shlex.quote(cfg.model)}`).")
+    out, concepts, explain, progress, dask = job.out, job.concepts, job.explain, job.progress, job.dask
     out = out.expanduser().resolve()
     if out.exists() and out.is_dir():
         _fail(f"--out {out} is a folder; give a file name such as {out / 'atlas.h5'}")

@@ -217,8 +217,7 @@ def calibrate(job: Job) -> Calibration:
 def fit(job: Job, calib: Calibration) -> tuple[Concepts, dict] | None:
     """NMF on the pooled calibration cells (reused when fitted before on the same parts); None: no cells."""
     cfg = job.cfg
-    fit_key = cfg._key(("k", "seed", "nmf_max_iter", "calib_max_cells"),
-                       {"parts": [read_part_attrs(p)["key"] + p.name for p in calib.ok]})
+    fit_key = cfg.fit_key([read_part_attrs(p)["key"] + p.name for p in calib.ok])
     cpath = work_dir(job.out) / CONCEPTS_FILE
     if is_done(cpath, fit_key):
         job.say("concepts: reused the fitted H")
