@@ -37,7 +37,7 @@ from precompute.activations import Concepts, Engine, layer_geometry, pick_device
 from precompute.cohort import SlideRecord  # noqa: E402
 from precompute.config import RunConfig  # noqa: E402
 from precompute.models import default_relu, find_layer, load_model, normalise_on_device  # noqa: E402
-from precompute.passes import LayerInfo, run_pass  # noqa: E402
+from precompute.passes import FullPass, LayerInfo, run_pass  # noqa: E402
 from precompute.slides import open_slide  # noqa: E402
 from precompute.tile_stream import SlideJob  # noqa: E402
 from precompute.tissue import plan_tiles, read_tile  # noqa: E402
@@ -50,7 +50,7 @@ def run_pipeline(args, loaded, layer_mod, layer: LayerInfo, device, concepts, ou
                       meta={})
     engine = Engine(loaded.module, loaded.spec, layer_mod, device, relu=cfg.relu, concepts=concepts)
     t0 = time.perf_counter()
-    st = run_pass("full", [SlideJob(0, rec)], {0: rec}, engine, cfg, layer, out_dir, "bench",
+    st = run_pass(FullPass(cfg, layer, concepts), [SlideJob(0, rec)], engine, out_dir, "bench",
                   on_tiles=lambda n: None, on_slide=lambda *a: None)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -19,7 +19,9 @@ from typing import Any, Callable
 CALIBRATION = "calibration"  # per-slide calibration sample
 SLIDE = "slide"              # per-slide full-pass result
 FIT = "fit"                  # the fitted concepts H
+PLAN = "plan"                # per-slide tile plan: tissue mask and tile grid (tile_plan.py)
 TILING = (CALIBRATION, SLIDE)  # what tiles are read and what the model makes of them: both passes
+GRID = (*TILING, PLAN)       # where the tiles are: the plan and both passes
 
 # Help panels of `run --help`, in the order they are listed.
 PANELS = ("Inputs", "Tiling", "Concepts", "Outputs and fidelity", "Execution")
@@ -95,18 +97,18 @@ class RunConfig:
     relu: bool | None = setting(None, flag="--relu/--no-relu", panel="Concepts", keys=TILING,
                                 help="Apply ReLU to the captured activations (default: the model's setting).")
     # tiling
-    tile_px: int | None = setting(None, flag="--tile-px", panel="Tiling", keys=TILING, min=16,
+    tile_px: int | None = setting(None, flag="--tile-px", panel="Tiling", keys=GRID, min=16,
                                   help="Tile side in px fed to the model (default: the model's input size).")
-    stride_px: int | None = setting(None, flag="--stride-px", panel="Tiling", keys=TILING, min=1,
+    stride_px: int | None = setting(None, flag="--stride-px", panel="Tiling", keys=GRID, min=1,
                                     help="Grid step in px (default: tile size, no overlap).")
-    target_mpp: float = setting(0.5, flag="--target-mpp", panel="Tiling", keys=TILING, min=0.01,
+    target_mpp: float = setting(0.5, flag="--target-mpp", panel="Tiling", keys=GRID, min=0.01,
                                 help="Pixel size tiles are resampled to, um/px.")
-    cli_mpp: float | None = setting(None, flag="--mpp", panel="Tiling", keys=TILING, min=0.01,
+    cli_mpp: float | None = setting(None, flag="--mpp", panel="Tiling", keys=GRID, min=0.01,
                                     help="Pixel size (um/px) for slides whose file and manifest give none.")
-    native_resolution: bool = setting(False, flag="--native-resolution", panel="Tiling", keys=TILING,
+    native_resolution: bool = setting(False, flag="--native-resolution", panel="Tiling", keys=GRID,
                                       help="Tile slides without a known pixel size at their own pixels "
                                       "instead of failing them.")
-    min_tissue: float = setting(0.25, flag="--min-tissue", panel="Tiling", keys=TILING, min=0.0, max=1.0,
+    min_tissue: float = setting(0.25, flag="--min-tissue", panel="Tiling", keys=GRID, min=0.0, max=1.0,
                                 help="Minimum tissue fraction of a kept tile; 0 keeps every tile (pre-cut "
                                 "tile datasets).")
     edge_cells: int = setting(0, flag="--edge-cells", panel="Tiling", keys=(SLIDE,), min=0,

@@ -13,6 +13,7 @@ slide with it; the scheduler gives the slide to another worker (up to `allowed-f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -25,9 +26,8 @@ import torch
 from rich.markup import escape
 
 from .activations import Concepts, compute_signature, pick_device
-from .config import RunConfig
-from .models import LoadedModel, ModelSpec, find_layer, load_model
-from .passes import LayerInfo, PassStats, SlideOutcome, make_engine, run_slide
+from .models import LoadedModel, ModelSpec, load_model
+from .passes import FullPass, Pass, PassStats, SlideOutcome, SlideWork, pass_engine, run_slide
 from .tile_stream import SlideJob
 
 LOCAL_PREFIX = "local:"
@@ -106,21 +106,18 @@ def _worker_model(ref: ModelRef, device_name: str) -> _WorkerModel:
         return _MODELS[key]
 
 
-def slide_task(kind: str, job: SlideJob, ref: ModelRef, cfg: RunConfig, layer: LayerInfo,
-               concepts: Concepts | None, folder: str, key: str) -> SlideOutcome:
+def slide_task(kind: Pass, job: SlideJob, ref: ModelRef, folder: str, key: str) -> SlideOutcome:
     """Runs on a worker: one slide of one pass, its part written into `folder`."""
+    cfg = kind.cfg
     wm = _worker_model(ref, cfg.device)
     here = compute_signature(wm.device)
     if here != cfg.compute:
         raise WorkerSetupError(f"a Dask worker computes in {here}, the run's parts are {cfg.compute}: a run needs "
                            "identical workers (same device type and precision).")
-    concepts = _aligned(concepts)
-    with wm.lock:
-        engine = make_engine(kind, wm.module, wm.spec, find_layer(wm.module, cfg.layer), wm.device, cfg, concepts)
-        try:
-            return run_slide(kind, job, engine, cfg, layer, Path(folder), key)
-        finally:
-            engine.close()
+    if isinstance(kind, FullPass):
+        kind = dataclasses.replace(kind, concepts=_aligned(kind.concepts))
+    with wm.lock, pass_engine(kind, wm.module, wm.spec, cfg.layer, wm.device) as engine:
+        return run_slide(kind, job, engine, Path(folder), key)
 
 
 def _aligned(c: Concepts | None) -> Concepts | None:
@@ -187,9 +184,8 @@ class DaskPasses:
             raise ValueError("the Dask scheduler has no workers yet; start some, then run again.")
         return kinds[0]
 
-    def run_pass(self, kind: str, jobs: list[SlideJob], cfg: RunConfig, layer: LayerInfo, folder: Path, key: str,
-                 concepts: Concepts | None, *, on_tiles: Callable[[int], None],
-                 on_slide: Callable[[str, str, dict], None]) -> PassStats:
+    def run_pass(self, kind: Pass, jobs: list[SlideJob], folder: Path, key: str, *,
+                 on_tiles: Callable[[int], None], on_slide: Callable[[str, str, dict], None]) -> PassStats:
         """Submit one task per job; report each slide as it ends (in completion order)."""
         from distributed import as_completed
         from distributed.client import FutureCancelledError
@@ -200,8 +196,8 @@ class DaskPasses:
             return stats
         futures = {}
         for job in jobs:
-            fut = self.client.submit(slide_task, kind, job, self.ref, cfg, layer, concepts, str(folder), key,
-                                     key=f"lumen-{kind}-{key}-{job.index}", retries=TASK_RETRIES, pure=False)
+            fut = self.client.submit(slide_task, kind, job, self.ref, str(folder), key,
+                                     key=f"lumen-{kind.name}-{key}-{job.index}", retries=TASK_RETRIES, pure=False)
             futures[fut] = job
         try:
             for fut in as_completed(futures):
@@ -209,7 +205,7 @@ class DaskPasses:
                 try:
                     outcome = fut.result()
                 except (KilledWorker, FutureCancelledError) as exc:
-                    outcome = _lost_slide(kind, job, cfg, layer, folder, key, exc)
+                    outcome = _lost_slide(kind, job, folder, key, exc)
                 stats.add(outcome)
                 on_tiles(outcome.tiles)
                 on_slide(outcome.slide_id, outcome.status, outcome.info)
@@ -227,11 +223,8 @@ class DaskPasses:
         self.client = self.cluster = None
 
 
-def _lost_slide(kind: str, job: SlideJob, cfg: RunConfig, layer: LayerInfo, folder: Path, key: str,
-                exc: BaseException) -> SlideOutcome:
+def _lost_slide(kind: Pass, job: SlideJob, folder: Path, key: str, exc: BaseException) -> SlideOutcome:
     """A slide whose workers kept dying: recorded as failed (a re-run retries it)."""
-    from .passes import SlideWork
-
     error = (f"the Dask workers processing it died repeatedly ({type(exc).__name__}); look for out-of-memory "
              "kills in the worker logs, then run the same command again to retry it")
-    return SlideWork(kind, job, cfg, layer, folder, key, 0).fail(error)
+    return SlideWork(kind, job, folder, key).fail(error)

@@ -109,5 +109,9 @@ def load_part(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def is_done(path: Path, key: str) -> bool:
     """True when the part exists, was made with `key`, and did not fail (failed slides are retried)."""
-    attrs = read_part_attrs(path)
+    return attrs_done(read_part_attrs(path), key)
+
+
+def attrs_done(attrs: dict[str, Any] | None, key: str) -> bool:
+    """is_done for a part's attrs already read (None: missing or unreadable)."""
     return attrs is not None and attrs.get("key") == key and attrs.get("status") in ("ok", "no_tissue")

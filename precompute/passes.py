@@ -1,4 +1,4 @@
-"""The two passes over the cohort, each writing one part file per slide.
+"""The two passes over the cohort (CalibrationPass, FullPass), each writing one part file per slide.
 
 calibration: a seeded sample of tissue tiles per slide, forward stopped at the hooked layer, and a
              seeded sample of raw cell vectors kept for fitting the concepts H.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,14 +20,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .activations import Engine, stream_slides
+from .activations import Concepts, Engine, stream_slides
 from .cohort import SlideRecord
 from .cellmask import cell_tissue_fraction, mask_glass
 from .config import RunConfig
 from .fidelity import cam_cluster_correlation
+from .models import find_layer
 from .parts import part_name, save_part
 from .stitching import CellCanvas, PrototypeHeap
-from .tile_stream import SlideEnd, SlideFailed, SlideJob, SlidePlan, TileBatch, TileStream, TilingOptions
+from .tile_stream import SlideEnd, SlideFailed, SlideJob, SlidePlan, TileBatch, TileStream
 
 
 @dataclass
@@ -62,12 +64,6 @@ class PassStats:
             self.failures.append((outcome.slide_id, outcome.info.get("error", "")))
 
 
-def tiling_options(cfg: RunConfig) -> TilingOptions:
-    return TilingOptions(tile_px=cfg.tile_px, stride_px=cfg.stride_px, target_mpp=cfg.target_mpp,
-                         min_tissue=cfg.min_tissue, cli_mpp=cfg.cli_mpp, native=cfg.native_resolution,
-                         thumb_px=cfg.thumb_px, batch_size=cfg.batch_size, seed=cfg.seed)
-
-
 def _plan_attrs(plan: SlidePlan, rec: SlideRecord, key: str, status: str) -> dict:
     return {"key": key, "status": status, "slide_id": rec.slide_id, "path": str(rec.path),
             "width": plan.width, "height": plan.height, "mpp": plan.mpp, "mpp_source": plan.mpp_source,
@@ -83,6 +79,8 @@ def _save_failure(folder: Path, job: SlideJob, key: str, error: str) -> None:
 
 
 class _SlideCalibration:
+    """A slide's calibration sample in the making: m of the n cells of each sampled tile."""
+
     def __init__(self, plan: SlidePlan, cells_per_tile: int, n_cells: int, seed: int):
         self.plan = plan
         self.m = min(cells_per_tile, n_cells)
@@ -97,6 +95,8 @@ class _SlideCalibration:
 
 
 class _SlideFull:
+    """A slide's full-pass result in the making: per-tile rows, stitched cell maps, prototypes."""
+
     def __init__(self, plan: SlidePlan, layer: LayerInfo, cfg: RunConfig, k: int):
         self.plan = plan
         self.parts: dict[str, list] = {n: [] for n in ("embedding", "outputs", "probs", "weights", "sq_resid",
@@ -111,6 +111,96 @@ class _SlideFull:
         self.cam_canvas = CellCanvas(plan.width, plan.height, cell_l0, 1, (layer.h, layer.w), stride_cells,
                                      cfg.edge_cells) if cfg.gradcam else None
         self.cam_r: list[np.ndarray] = []
+
+
+def _engine(cfg: RunConfig, module: torch.nn.Module, spec, layer_module: torch.nn.Module, device: torch.device,
+            **kw) -> Engine:
+    """The engine set-up both passes share (ReLU and output activation from the settings)."""
+    return Engine(module, spec, layer_module, device, relu=cfg.relu, output_activation=cfg.output_activation, **kw)
+
+
+@dataclass(frozen=True)
+class CalibrationPass:
+    """A seeded sample of tissue tiles per slide, forward stopped at the hooked layer, and a seeded sample
+    of raw cell vectors per tile kept for fitting the concepts H."""
+
+    cfg: RunConfig
+    layer: LayerInfo
+    name = "calibration"
+    k = 0
+
+    def engine(self, module: torch.nn.Module, spec, layer_module: torch.nn.Module, device: torch.device) -> Engine:
+        return _engine(self.cfg, module, spec, layer_module, device, concepts=None,
+                       calib_cells=self.cfg.calib_cells_per_tile)
+
+    def start(self, plan: SlidePlan) -> _SlideCalibration:
+        return _SlideCalibration(plan, self.cfg.calib_cells_per_tile, self.layer.h * self.layer.w, self.cfg.seed)
+
+    def batch(self, acc: _SlideCalibration, msg: TileBatch, engine: Engine) -> dict:
+        res = engine.run(msg.pixels, acc.cell_index(len(msg.pixels)))
+        acc.cells.append(res["cells"].reshape(-1, res["cells"].shape[-1]).astype(np.float16))
+        return res
+
+    def arrays(self, acc: _SlideCalibration) -> dict:
+        return {"cells": np.concatenate(acc.cells) if acc.cells else np.zeros((0, self.layer.channels), np.float16),
+                # the sampled tiles, in the order of the cells (m consecutive cells per tile)
+                "coords": np.asarray(acc.plan.coords, np.int64).reshape(-1, 2)}
+
+
+@dataclass(frozen=True)
+class FullPass:
+    """Every tissue tile: pooled embedding, model outputs, JPEG thumbnail, per-cell NNLS weights against
+    the concepts H stitched into slide maps, prototype candidates (and GradCAM, importance when asked)."""
+
+    cfg: RunConfig
+    layer: LayerInfo
+    concepts: Concepts
+    name = "full"
+
+    @property
+    def k(self) -> int:
+        return int(self.concepts.H.shape[0])
+
+    def engine(self, module: torch.nn.Module, spec, layer_module: torch.nn.Module, device: torch.device) -> Engine:
+        cfg = self.cfg
+        return _engine(cfg, module, spec, layer_module, device, concepts=self.concepts,
+                       gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target,
+                       importance_output=cfg.explain_output if cfg.importance else None)
+
+    def start(self, plan: SlidePlan) -> _SlideFull:
+        return _SlideFull(plan, self.layer, self.cfg, self.k)
+
+    def batch(self, acc: _SlideFull, msg: TileBatch, engine: Engine) -> dict:
+        res = engine.run(msg.pixels)
+        for name in acc.parts:
+            if name in res:
+                acc.parts[name].append(res[name])
+        cw = res["cell_weights"]  # (B, h, w, K)
+        acc.parts["weights"].append(cw.sum(axis=(1, 2)))
+        acc.thumbs.extend(msg.thumbs)
+        where = acc.plan.grid_index[msg.start:msg.start + len(msg.pixels)]
+        acc.canvas.paste(where, cw)
+        acc.protos.offer(msg.start, msg.pixels.numpy(), cw)
+        if "gradcam" in res:
+            acc.cam_canvas.paste(where, res["gradcam"][..., None])
+            acc.cam_r.append(cam_cluster_correlation(res["gradcam"], cw))
+        return res
+
+    def arrays(self, acc: _SlideFull) -> dict:
+        return _full_arrays(acc, self.layer, self.k)
+
+
+Pass = CalibrationPass | FullPass
+
+
+@contextmanager
+def pass_engine(kind: Pass, module: torch.nn.Module, spec, layer_name: str, device: torch.device):
+    """The engine of one pass on `module` (hooked at `layer_name`), closed (hook removed) afterwards."""
+    engine = kind.engine(module, spec, find_layer(module, layer_name), device)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 @dataclass
@@ -131,44 +221,22 @@ class SlideWork:
     cluster) both drive it, so a part is the same whichever way it was made.
     """
 
-    def __init__(self, kind: str, job: SlideJob, cfg: RunConfig, layer: LayerInfo, folder: Path, key: str,
-                 k: int):
-        self.kind, self.job, self.cfg, self.layer = kind, job, cfg, layer
+    def __init__(self, kind: Pass, job: SlideJob, folder: Path, key: str):
+        self.kind, self.job = kind, job
         self.path = folder / part_name(job.index, job.record.slide_id)
-        self.key, self.k = key, k
+        self.key = key
         self.acc = None
         self.t0 = time.perf_counter()
 
     def plan(self, msg: SlidePlan) -> None:
         self.t0 = time.perf_counter()
-        if self.kind == "calibration":
-            self.acc = _SlideCalibration(msg, self.cfg.calib_cells_per_tile, self.layer.h * self.layer.w,
-                                         self.cfg.seed)
-        else:
-            self.acc = _SlideFull(msg, self.layer, self.cfg, self.k)
+        self.acc = self.kind.start(msg)
 
     def batch(self, msg: TileBatch, engine: Engine) -> int:
         """Run one batch of the slide's tiles through the engine. Returns the number of tiles."""
-        acc = self.acc
-        n = len(msg.pixels)
-        if self.kind == "calibration":
-            res = engine.run(msg.pixels, acc.cell_index(n))
-            acc.cells.append(res["cells"].reshape(-1, res["cells"].shape[-1]).astype(np.float16))
-        else:
-            res = engine.run(msg.pixels)
-            for name in acc.parts:
-                if name in res:
-                    acc.parts[name].append(res[name])
-            cw = res["cell_weights"]  # (B, h, w, K)
-            acc.parts["weights"].append(cw.sum(axis=(1, 2)))
-            acc.thumbs.extend(msg.thumbs)
-            acc.canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], cw)
-            acc.protos.offer(msg.start, msg.pixels.numpy(), cw)
-            if "gradcam" in res:
-                acc.cam_canvas.paste(acc.plan.grid_index[msg.start:msg.start + n], res["gradcam"][..., None])
-                acc.cam_r.append(cam_cluster_correlation(res["gradcam"], cw))
-        acc.min = min(acc.min, float(res["min"]))
-        return n
+        res = self.kind.batch(self.acc, msg, engine)
+        self.acc.min = min(self.acc.min, float(res["min"]))
+        return len(msg.pixels)
 
     def end(self) -> SlideOutcome:
         """The slide's tiles are all in: write its part."""
@@ -178,14 +246,7 @@ class SlideWork:
         attrs = _plan_attrs(acc.plan, rec, self.key, status)
         attrs["min_activation"] = None if not np.isfinite(acc.min) else acc.min
         attrs["seconds"] = time.perf_counter() - self.t0
-        if self.kind == "calibration":
-            arrays = {"cells": np.concatenate(acc.cells) if acc.cells else
-                      np.zeros((0, self.layer.channels), np.float16),
-                      # the sampled tiles, in the order of the cells (m consecutive cells per tile)
-                      "coords": np.asarray(acc.plan.coords, np.int64).reshape(-1, 2)}
-        else:
-            arrays = _full_arrays(acc, self.layer, self.k)
-        save_part(self.path, arrays, attrs)
+        save_part(self.path, self.kind.arrays(acc), attrs)
         return SlideOutcome(rec.slide_id, status, n_tiles, {"tiles": n_tiles, "seconds": round(attrs["seconds"], 3),
                                                              "warnings": acc.plan.warnings})
 
@@ -193,66 +254,46 @@ class SlideWork:
         _save_failure(self.path.parent, self.job, self.key, error)
         return SlideOutcome(self.job.record.slide_id, "failed", 0, {"error": error})
 
-
-def make_engine(kind: str, module: torch.nn.Module, spec, layer_module: torch.nn.Module, device: torch.device,
-                cfg: RunConfig, concepts=None) -> Engine:
-    """The engine of one pass: calibration samples raw cells and stops at the layer; the full pass
-    assigns cells to `concepts` and runs the whole model (and GradCAM when asked for)."""
-    if kind == "calibration":
-        return Engine(module, spec, layer_module, device, relu=cfg.relu, concepts=None,
-                      calib_cells=cfg.calib_cells_per_tile, output_activation=cfg.output_activation)
-    return Engine(module, spec, layer_module, device, relu=cfg.relu, concepts=concepts,
-                  output_activation=cfg.output_activation,
-                  gradcam_output=cfg.explain_output if cfg.gradcam else None, gradcam_target=cfg.target,
-                  importance_output=cfg.explain_output if cfg.importance else None)
-
-
-def _concepts_k(engine: Engine) -> int:
-    return engine.probe.H.shape[0] if engine.probe.H is not None else 0
+    def take(self, msg, engine: Engine, on_tiles: Callable[[int], None]) -> SlideOutcome | None:
+        """Handle one message of this slide; the outcome when the slide has ended."""
+        if isinstance(msg, SlidePlan):
+            self.plan(msg)
+        elif isinstance(msg, TileBatch):
+            on_tiles(self.batch(msg, engine))
+        elif isinstance(msg, SlideEnd):
+            return self.end()
+        elif isinstance(msg, SlideFailed):
+            return self.fail(msg.error)
+        return None
 
 
-def run_pass(kind: str, jobs: list[SlideJob], records_by_index: dict[int, SlideRecord], engine: Engine,
-             cfg: RunConfig, layer: LayerInfo, folder: Path, key: str, *,
+def run_pass(kind: Pass, jobs: list[SlideJob], engine: Engine, folder: Path, key: str, *,
              on_tiles: Callable[[int], None], on_slide: Callable[[str, str, dict], None]) -> PassStats:
-    """Run one pass ('calibration' or 'full') over `jobs` in this process (slides read by `cfg.workers`
-    reading processes), writing a part per slide into `folder`.
+    """Run one pass over `jobs` in this process (slides read by `cfg.workers` reading processes),
+    writing a part per slide into `folder`.
 
     on_tiles(n) is called as tiles are processed; on_slide(slide_id, status, info) when a slide ends.
     """
     stats = PassStats()
     if not jobs:
         return stats
-    stream = TileStream(jobs, tiling_options(cfg))
-    k = _concepts_k(engine)
-    works = {j.index: SlideWork(kind, j, cfg, layer, folder, key, k) for j in jobs}
-    for msg in stream_slides(stream, cfg.workers):
-        work = works[msg.index]
-        if isinstance(msg, SlidePlan):
-            work.plan(msg)
-        elif isinstance(msg, TileBatch):
-            on_tiles(work.batch(msg, engine))
-        elif isinstance(msg, (SlideEnd, SlideFailed)):
-            outcome = work.end() if isinstance(msg, SlideEnd) else work.fail(msg.error)
+    works = {j.index: SlideWork(kind, j, folder, key) for j in jobs}
+    for msg in stream_slides(TileStream(jobs, kind.cfg), kind.cfg.workers):
+        outcome = works[msg.index].take(msg, engine, on_tiles)
+        if outcome is not None:
             stats.add(outcome)
             on_slide(outcome.slide_id, outcome.status, outcome.info)
     return stats
 
 
-def run_slide(kind: str, job: SlideJob, engine: Engine, cfg: RunConfig, layer: LayerInfo, folder: Path,
-              key: str, on_tiles: Callable[[int], None] = lambda n: None) -> SlideOutcome:
+def run_slide(kind: Pass, job: SlideJob, engine: Engine, folder: Path, key: str,
+              on_tiles: Callable[[int], None] = lambda n: None) -> SlideOutcome:
     """One slide of one pass, read in this process (a background thread reads the next batch while
     the model runs), its part written into `folder`. The unit of work of a cluster task."""
-    work = SlideWork(kind, job, cfg, layer, folder, key, _concepts_k(engine))
+    work = SlideWork(kind, job, folder, key)
     outcome = None
-    for msg in prefetch(iter(TileStream([job], tiling_options(cfg))), depth=2):
-        if isinstance(msg, SlidePlan):
-            work.plan(msg)
-        elif isinstance(msg, TileBatch):
-            on_tiles(work.batch(msg, engine))
-        elif isinstance(msg, SlideEnd):
-            outcome = work.end()
-        elif isinstance(msg, SlideFailed):
-            outcome = work.fail(msg.error)
+    for msg in prefetch(iter(TileStream([job], kind.cfg)), depth=2):
+        outcome = work.take(msg, engine, on_tiles) or outcome
     assert outcome is not None
     return outcome
 

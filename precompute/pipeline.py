@@ -31,11 +31,12 @@ from .concepts import (CONCEPTS_FILE, auto_cells_per_tile, concepts_from_atlas, 
 from .config import RunConfig
 from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
-from .parts import is_done, part_name, read_part_attrs, save_part
-from .passes import LayerInfo, PassStats, make_engine, run_pass
+from .parts import attrs_done, is_done, part_name, read_part_attrs, save_part
+from .passes import CalibrationPass, FullPass, LayerInfo, Pass, PassStats, pass_engine, run_pass
 from .runlock import check_free_space
 from .runlog import PassProgress, RunLog, common_reason
 from .targets import default_target
+from .tile_plan import plan_key
 from .tile_stream import SlideJob
 
 # Exit codes of `precompute run` (also in README.md).
@@ -172,66 +173,90 @@ class Job:
             self.reasons_said.add(reason)
             self.say(f"[red]failed[/] {escape(slide_id)}: {escape(str(info.get('error')))}")
 
-    def one_pass(self, kind: str, todo: list[SlideJob], folder: Path, key: str,
-                 concepts: Concepts | None) -> PassStats:
+    def one_pass(self, kind: Pass, todo: list[SlideJob], folder: Path, key: str) -> PassStats:
         """Run one pass over `todo` here or on the Dask workers; one part file per slide in `folder`."""
-        s, cfg = self.setup, self.cfg
         if self.executor is not None:
-            return self.executor.run_pass(kind, todo, cfg, s.layer, folder, key, concepts,
-                                          on_tiles=self.progress.add_tiles, on_slide=self.on_slide)
-        engine = make_engine(kind, self.loaded.module, self.loaded.spec, s.layer_mod, s.device, cfg, concepts)
-        try:
-            return run_pass(kind, todo, self.by_index, engine, cfg, s.layer, folder, key,
-                            on_tiles=self.progress.add_tiles, on_slide=self.on_slide)
-        finally:
-            engine.close()
+            return self.executor.run_pass(kind, todo, folder, key, on_tiles=self.progress.add_tiles,
+                                          on_slide=self.on_slide)
+        with pass_engine(kind, self.loaded.module, self.loaded.spec, self.cfg.layer, self.setup.device) as engine:
+            return run_pass(kind, todo, engine, folder, key, on_tiles=self.progress.add_tiles,
+                            on_slide=self.on_slide)
+
+    def slide_jobs(self, parts: "PassParts", key: str, sample_tiles: int = 0) -> list[SlideJob]:
+        """The slides whose part is not done with `key`, each with where its tile plan is kept."""
+        plans = self.folder("plans")
+        return [SlideJob(i, r, sample_tiles, plans / part_name(i, r.slide_id), plan_key(self.cfg, r))
+                for i, r in self.by_index.items() if not parts.done(i, key)]
+
+
+@dataclass
+class PassParts:
+    """One pass's part files (one per slide, by index) and their attributes, read once and again only for
+    the slides the pass wrote (None: missing or unreadable)."""
+
+    paths: list[Path]
+    attrs: list[dict | None]
+
+    @classmethod
+    def read(cls, folder: Path, records: list[SlideRecord]) -> "PassParts":
+        paths = [folder / part_name(i, r.slide_id) for i, r in enumerate(records)]
+        return cls(paths, [read_part_attrs(p) for p in paths])
+
+    def done(self, i: int, key: str) -> bool:
+        return attrs_done(self.attrs[i], key)
+
+    def reread(self, jobs: list[SlideJob]) -> None:
+        for j in jobs:
+            self.attrs[j.index] = read_part_attrs(self.paths[j.index])
+
+    def status(self, i: int) -> str | None:
+        return (self.attrs[i] or {}).get("status")
+
+    def with_status(self, status: str) -> list[int]:
+        return [i for i in range(len(self.paths)) if self.status(i) == status]
 
 
 @dataclass
 class Calibration:
-    """The calibration pass's result: the parts that hold cells, and the slides that failed (by index)."""
+    """The calibration pass's result: its parts, and the slides that failed (by index, with the reason)."""
 
     stats: PassStats
-    paths: list[Path]
-    ok: list[Path]
+    parts: PassParts
     failed: dict[int, str]
+
+    @property
+    def ok(self) -> list[Path]:
+        """The parts that hold cells."""
+        return [self.parts.paths[i] for i in self.parts.with_status("ok")]
 
 
 def calibrate(job: Job) -> Calibration:
     """Calibration pass: a seeded sample of tiles and cells per slide, one part file each."""
     cfg, calib_dir = job.cfg, job.folder("calibration")
     ckey = cfg.calibration_key()
-    paths = [calib_dir / part_name(i, r.slide_id) for i, r in job.by_index.items()]
-    todo = [SlideJob(i, r, sample_tiles=cfg.calib_tiles_per_slide) for i, r in job.by_index.items()
-            if not is_done(paths[i], ckey)]
+    parts = PassParts.read(calib_dir, job.records)
+    todo = job.slide_jobs(parts, ckey, sample_tiles=cfg.calib_tiles_per_slide)
     job.say(f"calibration: {len(job.records) - len(todo)} slides reused, {len(todo)} to sample")
     job.progress.start("calibration", len(todo))
-    st = job.one_pass("calibration", todo, calib_dir, ckey, None)
+    st = job.one_pass(CalibrationPass(cfg, job.setup.layer), todo, calib_dir, ckey)
+    parts.reread(todo)
     job.log.event("pass_end", name="calibration", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed,
                   tiles=st.tiles)
     ids = {r.slide_id: i for i, r in job.by_index.items()}
-    ok = [p for p in paths if (read_part_attrs(p) or {}).get("status") == "ok"]
-    return Calibration(st, paths, ok, {ids[slide_id]: error for slide_id, error in st.failures})
+    return Calibration(st, parts, {ids[slide_id]: error for slide_id, error in st.failures})
 
 
 def fit(job: Job, calib: Calibration) -> tuple[Concepts, dict] | None:
     """NMF on the pooled calibration cells (reused when fitted before on the same parts); None: no cells."""
-    cfg = job.cfg
-    fit_key = cfg.fit_key([read_part_attrs(p)["key"] + p.name for p in calib.ok])
+    cfg, ok = job.cfg, calib.parts.with_status("ok")
+    fit_key = cfg.fit_key([calib.parts.attrs[i]["key"] + calib.parts.paths[i].name for i in ok])
     cpath = work_dir(job.out) / CONCEPTS_FILE
     if is_done(cpath, fit_key):
         job.say("concepts: reused the fitted H")
         return load_concepts(cpath)
     V, vmin = pool_cells(calib.ok, cfg.calib_max_cells, cfg.seed)
     if V.size == 0:
-        job.summary.failed = sum(1 for p in calib.paths if (read_part_attrs(p) or {}).get("status") == "failed")
-        job.summary.failures = calib.stats.failures
-        if job.summary.failed == len(job.records):
-            job.say("[red]every slide failed[/] (reasons below): nothing to cluster.")
-        else:
-            job.say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
-                    "(--min-tissue), the pixel size, and the slides themselves.")
-        job.log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
+        no_cells(job, calib)
         return None
     if vmin < 0:
         job.say(f"[yellow]note[/] layer {escape(cfg.layer)} has negative values (min {vmin:.3g}); shifting by "
@@ -243,38 +268,50 @@ def fit(job: Job, calib: Calibration) -> tuple[Concepts, dict] | None:
     return concepts, fit_facts
 
 
-def full_pass(job: Job, concepts: Concepts, calib_failed: dict[int, str]) -> list[Path]:
+def no_cells(job: Job, calib: Calibration) -> None:
+    """No calibration cells at all: say why (every slide failed, or no tissue tiles) and end the run."""
+    job.summary.failed = len(calib.parts.with_status("failed"))
+    job.summary.failures = calib.stats.failures
+    if job.summary.failed == len(job.records):
+        job.say("[red]every slide failed[/] (reasons below): nothing to cluster.")
+    else:
+        job.say("[red]no tissue tiles in any slide[/]: nothing to cluster. Check the tissue settings "
+                "(--min-tissue), the pixel size, and the slides themselves.")
+    job.log.event("run_end", exit_code=EXIT_NO_ATLAS, reason="no tissue tiles")
+
+
+def full_pass(job: Job, concepts: Concepts, calib_failed: dict[int, str]) -> PassParts:
     """Every tissue tile once: embeddings, outputs, thumbnails and cell weights; returns the slide parts."""
     skey = job.cfg.slide_key(concepts_sha(concepts))
     slides_dir = job.folder("slides")
-    paths = [slides_dir / part_name(i, r.slide_id) for i, r in job.by_index.items()]
-    todo = [SlideJob(i, r) for i, r in job.by_index.items() if not is_done(paths[i], skey)]
+    parts = PassParts.read(slides_dir, job.records)
+    todo = job.slide_jobs(parts, skey)
     job.summary.reused = len(job.records) - len(todo)
     # A slide that could not be read for calibration just now would fail the same way again:
     # record its reason without a second attempt (a later re-run retries it).
     for sj in [j for j in todo if j.index in calib_failed]:
         todo.remove(sj)
-        save_part(paths[sj.index], {}, {"key": skey, "status": "failed", "slide_id": sj.record.slide_id,
-                                        "path": str(sj.record.path), "error": calib_failed[sj.index]})
+        save_part(parts.paths[sj.index], {}, {"key": skey, "status": "failed", "slide_id": sj.record.slide_id,
+                                              "path": str(sj.record.path), "error": calib_failed[sj.index]})
+        parts.reread([sj])
     for i, r in job.by_index.items():
-        if is_done(paths[i], skey):
+        if parts.done(i, skey):
             job.log.event("slide_skipped", slide_id=r.slide_id, reason="done with the same settings")
     job.say(f"full pass: {job.summary.reused} slides already done, {len(todo)} to process")
     job.progress.start("full pass", len(todo))
-    st = job.one_pass("full", todo, slides_dir, skey, concepts)
+    st = job.one_pass(FullPass(job.cfg, job.setup.layer, concepts), todo, slides_dir, skey)
+    parts.reread(todo)
     job.log.event("pass_end", name="full", ok=st.ok, no_tissue=st.no_tissue, failed=st.failed, tiles=st.tiles)
-    return paths
+    return parts
 
 
-def count_statuses(job: Job, slide_paths: list[Path]) -> None:
+def count_statuses(job: Job, slides: PassParts) -> None:
     """Fill the summary's slide counts and failures from the full-pass parts."""
-    statuses = [(read_part_attrs(p) or {}) for p in slide_paths]
     s = job.summary
-    s.ok = sum(a.get("status") == "ok" for a in statuses)
-    s.no_tissue = sum(a.get("status") == "no_tissue" for a in statuses)
-    s.failed = sum(a.get("status") == "failed" for a in statuses)
-    s.failures = [(r.slide_id, a.get("error", "")) for r, a in zip(job.records, statuses)
-                  if a.get("status") == "failed"]
+    s.ok, s.no_tissue = len(slides.with_status("ok")), len(slides.with_status("no_tissue"))
+    failed = slides.with_status("failed")
+    s.failed = len(failed)
+    s.failures = [(job.records[i].slide_id, slides.attrs[i].get("error", "")) for i in failed]
 
 
 def atlas_root(job: Job, concepts: Concepts, fit_facts: dict, command_line: str) -> dict:
@@ -292,11 +329,22 @@ def atlas_root(job: Job, concepts: Concepts, fit_facts: dict, command_line: str)
     }
 
 
-def assemble(job: Job, concepts: Concepts, fit_facts: dict, slide_paths: list[Path],
-             calib_parts: list[Path], command_line: str) -> None:
+def fidelity_stage(job: Job, concepts: Concepts, calib_parts: list[Path]) -> Callable | None:
+    """The fidelity writer the assembly calls with the open atlas (fidelity_stage.write_fidelity), or None
+    when no output is explained."""
+    s = job.setup
+    if s.out_index is None:
+        job.say("note: no output to explain was chosen (--explain), so fidelity statistics are skipped")
+        return None
+    return functools.partial(write_fidelity, cfg=job.cfg, concepts=concepts, calib_parts=calib_parts,
+                             output_index=s.out_index, output_name=s.out_name, say=job.say)
+
+
+def assemble(job: Job, concepts: Concepts, fit_facts: dict, slides: PassParts, calib_parts: list[Path],
+             command_line: str) -> None:
     """Write the atlas from the slide parts (and fidelity when an output is explained); fills the summary."""
     cfg, s, summary = job.cfg, job.setup, job.summary
-    count_statuses(job, slide_paths)
+    count_statuses(job, slides)
     if summary.ok == 0:
         why = ("every slide failed (reasons below)" if summary.failed == len(job.records) else
                f"{summary.no_tissue} slides without tissue tiles at --min-tissue {cfg.min_tissue:g} (the tissue "
@@ -306,22 +354,17 @@ def assemble(job: Job, concepts: Concepts, fit_facts: dict, slide_paths: list[Pa
         return
     root = atlas_root(job, concepts, fit_facts, command_line)
     # The atlas holds about what the slide parts hold; a write that cannot fit is not started.
-    check_free_space(job.out, int(1.1 * sum(p.stat().st_size for p in slide_paths if p.exists())) + (1 << 20))
+    check_free_space(job.out, int(1.1 * sum(p.stat().st_size for p in slides.paths if p.exists())) + (1 << 20))
     job.say("writing the atlas")
-    fidelity = None
-    if s.out_index is not None:
-        fidelity = functools.partial(write_fidelity, cfg=cfg, concepts=concepts, calib_parts=calib_parts,
-                                     output_index=s.out_index, output_name=s.out_name, say=job.say)
-    else:
-        job.say("note: no output to explain was chosen (--explain), so fidelity statistics are skipped")
-    facts = build_atlas(job.out, job.records, slide_paths, concepts, cfg, root, (s.layer.h, s.layer.w),
+    fidelity = fidelity_stage(job, concepts, calib_parts)
+    facts = build_atlas(job.out, job.records, slides.paths, concepts, cfg, root, (s.layer.h, s.layer.w),
                         job.say, fidelity)
     summary.atlas, summary.tiles, summary.facts = job.out, facts["tiles"], facts
 
 
 def start_log(job_out: Path, setup: Setup, n_slides: int, command_line: str, dask: str | None) -> RunLog:
     """Make the parts folders (removing temps of dead runs) and open the run log with run_start."""
-    for name in ("", "calibration", "slides"):
+    for name in ("", "calibration", "slides", "plans"):
         d = work_dir(job_out) / name
         d.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(d)
@@ -330,6 +373,31 @@ def start_log(job_out: Path, setup: Setup, n_slides: int, command_line: str, das
               device=str(setup.device), layer_shape=[setup.layer.channels, setup.layer.h, setup.layer.w],
               command_line=command_line, dask=dask)
     return log
+
+
+@dataclass
+class Fitted:
+    """The concepts the full pass assigns cells to, and what the calibration left for it."""
+
+    concepts: Concepts
+    facts: dict                  # how H was fitted (or which atlas it came from)
+    calib_failed: dict[int, str] = field(default_factory=dict)  # slides that failed calibration, by index
+    calib_parts: list[Path] = field(default_factory=list)       # calibration parts with cells (fidelity)
+
+
+def concepts_stage(job: Job, concepts_from: Path | None) -> Fitted | None:
+    """Concepts of an earlier atlas, or calibration pass + NMF fit; None when there are no cells."""
+    if concepts_from is not None:
+        concepts = concepts_from_atlas(concepts_from, job.setup.layer.channels)
+        job.say(f"reusing the {concepts.H.shape[0]} concepts of {escape(str(concepts_from))}")
+        return Fitted(concepts, {"concepts_from": str(concepts_from)})
+    calib = calibrate(job)
+    fitted = fit(job, calib)
+    if fitted is None:
+        return None
+    concepts, facts = fitted
+    job.log.event("concepts", **{k: v for k, v in facts.items() if k not in ("key", "status")})
+    return Fitted(concepts, facts, calib.failed, calib.ok)
 
 
 def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Path, *,
@@ -351,24 +419,13 @@ def run(cfg: RunConfig, records: list[SlideRecord], loaded: LoadedModel, out: Pa
             from .dask_run import DaskPasses  # dask is only imported when asked for
             job.executor = DaskPasses(dask, loaded, setup.cfg.arch, say=say)
             setup.cfg = dataclasses.replace(setup.cfg, compute=job.executor.compute_signature(setup.cfg.device))
-        calib_failed: dict[int, str] = {}
-        calib_parts: list[Path] = []
-        if concepts_from is not None:
-            concepts = concepts_from_atlas(concepts_from, setup.layer.channels)
-            fit_facts = {"concepts_from": str(concepts_from)}
-            say(f"reusing the {concepts.H.shape[0]} concepts of {escape(str(concepts_from))}")
-        else:
-            calib = calibrate(job)
-            fitted = fit(job, calib)
-            if fitted is None:
-                return job.summary
-            concepts, fit_facts = fitted
-            calib_failed, calib_parts = calib.failed, calib.ok
-            log.event("concepts", **{k: v for k, v in fit_facts.items() if k not in ("key", "status")})
-        slide_paths = full_pass(job, concepts, calib_failed)
+        fitted = concepts_stage(job, concepts_from)
+        if fitted is None:
+            return job.summary
+        slides = full_pass(job, fitted.concepts, fitted.calib_failed)
         if job.executor is not None:  # the workers are done; the assembly runs here
             job.executor.close()
-        assemble(job, concepts, fit_facts, slide_paths, calib_parts, command_line)
+        assemble(job, fitted.concepts, fitted.facts, slides, fitted.calib_parts, command_line)
         if job.summary.atlas is not None:
             s = job.summary
             s.seconds = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -17,33 +18,21 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .cohort import SlideRecord
-from .slides import open_slide, resolve_pixel_size
-from .tissue import plan_tiles, read_tile
-
-SLIDE_THUMB_PX = 1024  # longest side of the stored slide thumbnail
-MASK_MAX_PX = 2048     # longest side of the image the tissue mask is computed on
-
+from .config import RunConfig
+from .slides import open_slide
+from .tile_plan import slide_plan
+from .tissue import read_tile
 
 @dataclass
 class SlideJob:
-    """One slide to process. `sample_tiles` > 0 reads only a seeded sample of that many tiles."""
+    """One slide to process. `sample_tiles` > 0 reads only a seeded sample of that many tiles.
+    `plan_path`: where the slide's tile plan is kept (tile_plan.py), made there when missing."""
 
     index: int
     record: SlideRecord
     sample_tiles: int = 0
-
-
-@dataclass
-class TilingOptions:
-    tile_px: int
-    stride_px: int
-    target_mpp: float
-    min_tissue: float
-    cli_mpp: float | None
-    native: bool
-    thumb_px: int
-    batch_size: int
-    seed: int
+    plan_path: Path | None = None
+    plan_key: str = ""
 
 
 @dataclass
@@ -98,16 +87,6 @@ def sample_rows(n: int, k: int, seed: int, slide_id: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
-def _shrink(rgb: np.ndarray, max_px: int) -> np.ndarray:
-    """(h, w, 3) uint8 scaled down so its longest side is at most max_px."""
-    h, w = rgb.shape[:2]
-    f = max_px / max(h, w)
-    if f >= 1:
-        return rgb
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
-
-
 def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 70) -> bytes:
     """Encode an (h, w, 3) uint8 image as JPEG, optionally resized to side x side."""
     img = Image.fromarray(rgb)
@@ -121,9 +100,9 @@ def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 70) -> b
 class TileStream(IterableDataset):
     """Yields SlidePlan, TileBatch..., SlideEnd (or SlideFailed) for each job of this worker."""
 
-    def __init__(self, jobs: list[SlideJob], opts: TilingOptions):
+    def __init__(self, jobs: list[SlideJob], cfg: RunConfig):
         self.jobs = jobs
-        self.opts = opts
+        self.cfg = cfg
 
     def __iter__(self) -> Iterator[object]:
         info = get_worker_info()
@@ -132,50 +111,30 @@ class TileStream(IterableDataset):
             yield from self._slide(job)
 
     def _slide(self, job: SlideJob) -> Iterator[object]:
-        o = self.opts
-        rec = job.record
+        cfg, rec = self.cfg, job.record
         try:
             with open_slide(rec.path) as slide:
-                px, warnings = resolve_pixel_size(rec.slide_id, slide.file_mpp, rec.mpp, o.cli_mpp, native=o.native)
-                overview = slide.thumbnail(MASK_MAX_PX)  # read once: tissue mask and stored thumbnail
-                grid = plan_tiles(slide, px.mpp, target_mpp=o.target_mpp, tile_px=o.tile_px,
-                                  stride_px=o.stride_px, min_tissue=o.min_tissue, thumbnail=overview)
+                plan = slide_plan(slide, rec, cfg, job.plan_path, job.plan_key)
+                grid = plan.grid
                 n_all = len(grid.coords)
-                if n_all == 0:
-                    warnings = [*warnings, _no_tile_reason(slide, px.mpp, o, overview, grid.mask)]
-                rows = sample_rows(n_all, job.sample_tiles, o.seed, rec.slide_id) if job.sample_tiles else \
+                rows = sample_rows(n_all, job.sample_tiles, cfg.seed, rec.slide_id) if job.sample_tiles else \
                     np.arange(n_all, dtype=np.int64)
-                thumb = _shrink(overview, SLIDE_THUMB_PX)
-                w, h = slide.dimensions
                 yield SlidePlan(
-                    index=job.index, width=w, height=h, mpp=px.mpp, mpp_source=px.source, warnings=warnings,
-                    coords=grid.coords[rows], rows=rows, n_tissue_tiles=n_all,
-                    tissue_frac=grid.tissue_frac[rows], grid_index=grid.grid_index[rows],
+                    index=job.index, width=plan.width, height=plan.height, mpp=plan.mpp,
+                    mpp_source=plan.mpp_source, warnings=plan.warnings, coords=grid.coords[rows], rows=rows,
+                    n_tissue_tiles=n_all, tissue_frac=grid.tissue_frac[rows], grid_index=grid.grid_index[rows],
                     grid_shape=tuple(grid.grid_shape), tile_l0=float(grid.tile_l0),
-                    stride_l0=float(grid.stride_l0), level=int(grid.level), thumbnail=thumb,
-                    thumb_downsample=max(w / thumb.shape[1], h / thumb.shape[0]),
-                    mask=grid.mask, mask_downsample=float(grid.mask_downsample))
-                for start in range(0, len(rows), o.batch_size):
-                    chunk = rows[start:start + o.batch_size]
+                    stride_l0=float(grid.stride_l0), level=int(grid.level), thumbnail=plan.thumbnail,
+                    thumb_downsample=plan.thumb_downsample, mask=grid.mask,
+                    mask_downsample=float(grid.mask_downsample))
+                for start in range(0, len(rows), cfg.batch_size):
+                    chunk = rows[start:start + cfg.batch_size]
                     pixels = np.stack([read_tile(slide, grid, int(i)) for i in chunk])
-                    thumbs = [] if job.sample_tiles else [jpeg_bytes(p, o.thumb_px) for p in pixels]
+                    thumbs = [] if job.sample_tiles else [jpeg_bytes(p, cfg.thumb_px) for p in pixels]
                     yield TileBatch(job.index, start, torch.from_numpy(pixels), thumbs)
             yield SlideEnd(job.index)
         except Exception as exc:  # one bad slide must not stop the cohort; the reason is recorded
             yield SlideFailed(job.index, _reason(exc))
-
-
-def _no_tile_reason(slide, mpp: float | None, o: TilingOptions, overview: np.ndarray, mask: np.ndarray) -> str:
-    """Why a slide has no tile: too small for one tile, or the tissue found and the option to change."""
-    every = plan_tiles(slide, mpp, target_mpp=o.target_mpp, tile_px=o.tile_px, stride_px=o.stride_px,
-                       min_tissue=0.0, thumbnail=overview)
-    if len(every.coords) == 0:
-        return (f"0 tiles: the slide ({slide.dimensions[0]} x {slide.dimensions[1]} px) is smaller than one tile "
-                f"({every.tile_l0:.0f} px at this pixel size); lower --tile-px or --target-mpp.")
-    best = float(every.tissue_frac.max())
-    return (f"0 tiles: tissue was found on {100 * float(mask.mean()):.1f} % of the slide and the best tile holds "
-            f"{100 * best:.1f} % tissue, below --min-tissue {o.min_tissue:g}; lower --min-tissue (e.g. "
-            f"{max(0.0, np.floor(best * 20) / 20):g}, or 0 to keep every tile, as for pre-cut tiles and photos).")
 
 
 def _reason(exc: Exception) -> str:

@@ -1,0 +1,77 @@
+"""The run's stages on generated slides (tests/tiny_inputs.py), in this process: each slide's tile plan
+(tissue mask and tile grid) is made once and reused by the calibration, the full pass and a resumed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import precompute.tile_plan as tile_plan
+from precompute.cli import run_job
+from precompute.tile_stream import SlideJob, SlidePlan, TileStream
+from precompute.config import RunConfig
+from tiny_inputs import write_cohort
+
+
+def _run(manifest: Path, out: Path, **options) -> int:
+    given = {"k": 3, "k_grid": "2,3", "batch_size": 64, "workers": 0, "progress": False, **options}
+    return run_job(cohort=manifest, model="tiny_inputs:tiny_net", out=out, **given)
+
+
+@pytest.fixture
+def counted_plans(monkeypatch) -> list[str]:
+    """The slide ids tile plans are made for (reading in this process: --workers 0)."""
+    made: list[str] = []
+    real = tile_plan.make_plan
+
+    def counting(slide, rec, cfg):
+        made.append(rec.slide_id)
+        return real(slide, rec, cfg)
+
+    monkeypatch.setattr(tile_plan, "make_plan", counting)
+    return made
+
+
+def test_each_slide_is_planned_once_for_both_passes_and_a_resumed_run(tmp_path, counted_plans):
+    manifest = write_cohort(tmp_path / "cohort", n_slides=3)
+    out = tmp_path / "atlas.h5"
+    assert _run(manifest, out) == 1  # the unreadable slide fails; the others are done
+    assert sorted(counted_plans) == ["blank", "s0", "s1", "s2"]  # once each, not again in the full pass
+    counted_plans.clear()
+    # Other concepts (--k 2): the full pass is redone on the plans made before.
+    assert _run(manifest, out, k=2) == 1
+    ends = [json.loads(line) for line in (tmp_path / "atlas.h5.log.jsonl").read_text().splitlines()]
+    assert ends[-1]["event"] == "run_end" and ends[-1]["reused"] == 0
+    assert counted_plans == []
+    # Another tile grid (--min-tissue) is a new plan.
+    assert _run(manifest, out, min_tissue=0.5) == 1
+    assert sorted(counted_plans) == ["blank", "s0", "s1", "s2"]
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+    return type(x) is type(y) and x == y
+
+
+def test_a_loaded_plan_gives_the_tiles_a_fresh_one_gives(tmp_path):
+    manifest = write_cohort(tmp_path / "cohort", n_slides=1, blank=False, broken=False)
+    from precompute.cohort import load_cohort
+
+    rec = load_cohort(manifest)[0]
+    cfg = RunConfig(model="m", layer="l", tile_px=64, stride_px=32, workers=0, batch_size=8)
+    fresh = list(TileStream([SlideJob(0, rec)], cfg))
+    path = tmp_path / "plan.h5"
+    job = SlideJob(0, rec, plan_path=path, plan_key=tile_plan.plan_key(cfg, rec))
+    made, loaded = list(TileStream([job], cfg)), list(TileStream([job], cfg))
+    assert path.exists()
+    for a, b, c in zip(fresh, made, loaded, strict=True):
+        assert type(a) is type(b) is type(c)
+        if isinstance(a, SlidePlan):
+            for name in vars(a):
+                assert _same(getattr(a, name), getattr(b, name)) and _same(getattr(a, name), getattr(c, name)), name
+        elif hasattr(a, "pixels"):
+            assert a.pixels.equal(b.pixels) and a.pixels.equal(c.pixels) and a.thumbs == b.thumbs == c.thumbs
