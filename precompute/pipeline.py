@@ -182,7 +182,7 @@ class Job:
             return run_pass(kind, todo, engine, folder, key, on_tiles=self.progress.add_tiles,
                             on_slide=self.on_slide)
 
-    def slide_jobs(self, parts: "PassParts", key: str, sample_tiles: int = 0) -> list[SlideJob]:
+    def slide_jobs(self, parts: PassParts, key: str, sample_tiles: int = 0) -> list[SlideJob]:
         """The slides whose part is not done with `key`, each with where its tile plan is kept."""
         plans = self.folder("plans")
         return [SlideJob(i, r, sample_tiles, plans / part_name(i, r.slide_id), plan_key(self.cfg, r))
@@ -198,7 +198,7 @@ class PassParts:
     attrs: list[dict | None]
 
     @classmethod
-    def read(cls, folder: Path, records: list[SlideRecord]) -> "PassParts":
+    def read(cls, folder: Path, records: list[SlideRecord]) -> PassParts:
         paths = [folder / part_name(i, r.slide_id) for i, r in enumerate(records)]
         return cls(paths, [read_part_attrs(p) for p in paths])
 
