@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute.activations import Concepts, Engine, layer_geometry, pick_device  # noqa: E402
+from precompute.activations import Engine, layer_geometry, pick_device  # noqa: E402
+from precompute.concepts import Concepts  # noqa: E402
 from precompute.cohort import SlideRecord  # noqa: E402
 from precompute.config import RunConfig  # noqa: E402
 from precompute.models import default_relu, find_layer, load_model, normalise_on_device  # noqa: E402

@@ -112,7 +112,7 @@ def link_parts(work: Path, source: Path, tiles: int) -> None:
 
 def assemble(work: Path, out: Path, k: int) -> dict:
     """Build the atlas from work/ with whatever `precompute` is first on sys.path; time and VmHWM."""
-    from precompute.activations import Concepts
+    from precompute.concepts import Concepts
     from precompute.assemble import build_atlas
     from precompute.cohort import SlideRecord
     from precompute.config import RunConfig

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from precompute.explained import default_output
 from precompute.store import Atlas, AtlasFormatError, damaged
 
 from .colors import concept_label
@@ -138,8 +139,8 @@ class AtlasData:
 
     @property
     def default_output(self) -> int:
-        """Output shown first: the demo model's tumour class when present, else output 0."""
-        return self.output_names.index("TUM") if "TUM" in self.output_names else 0
+        """Output shown first: the run's default explained output (explained.default_output), else output 0."""
+        return default_output(self.output_names)[0] or 0
 
     @property
     def out_label(self) -> str:

@@ -4,7 +4,7 @@ widgets).
 
 report_dict reads the atlas's `fidelity` group when the run stored one (source "atlas"), else it
 computes the output regression from the tile table (source "computed"); see precompute/report.py.
-It is torch-free (numpy, scikit-learn, h5py).
+It imports neither torch nor scikit-learn (the computed regression is numpy: precompute/regression.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pandas as pd
 import streamlit as st
 
 from precompute.cellmask import EDGE_BELOW, GLASS_BELOW, concept_tissue_flags
-from precompute.report import DEFAULT_OUTPUT, report_dict
+from precompute.explained import DEFAULT_TEXT
+from precompute.report import report_dict
 from precompute.store import Atlas
 
 from .colors import concept_label
@@ -99,13 +100,12 @@ def how_chosen(rep: dict[str, Any], attrs: dict[str, Any]) -> str:
     name = rep["output"]["name"]
     if rep["source"] == "computed":
         return (f"The run did not choose an output to explain, so the dashboard picked **{name}**: "
-                f"{DEFAULT_OUTPUT} (the tumour class) when the model has it, else the model's first output. "
+                f"{DEFAULT_TEXT}. "
                 "To explain another output, re-run with `--explain NAME`.")
     found = re.search(r"--explain(?:=|\s+)(\"[^\"]*\"|'[^']*'|\S+)", str(attrs.get("command_line", "")))
     if found:
         return f"Chosen when the atlas was computed, on the command line: `--explain {found.group(1)}`."
-    return (f"Chosen by the run's default: {DEFAULT_OUTPUT} (the tumour class) when the model has it, else the "
-            "model's only output, or the second of two (the positive class).")
+    return f"Chosen by the run's default: {DEFAULT_TEXT}."
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from .colors import concept_colors, concept_label, legend_html
 from .data import AtlasData
+from .tile_link import open_tile
 
 GALLERY_MAX = 60
 
@@ -122,8 +123,6 @@ def tile_gallery(data: AtlasData, rows, name: str, key: str, width: int = 120,
 
 def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, width: int, cols: int) -> None:
     """Images in a grid of `cols` columns, each with an 'Open on slide' button for tile rows[i]."""
-    from .views.slide import open_tile  # the slide page owns how a tile is opened
-
     grid = st.columns(cols)
     for n, (img, cap, r) in enumerate(zip(images, caps, rows)):
         with grid[n % cols]:

@@ -9,7 +9,6 @@ hooked layer; it covers tile_px / h model px of the tile.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -17,27 +16,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cells import CellLayout, detect_layout, to_grid
-from .fidelity import choose_output
+from .concepts import Concepts
+from .intervention import Intervention
+from .model_outputs import outputs_2d as _outputs_2d, target_torch
 from .models import ModelSpec, normalise_on_device
 from .nmf import nnls_rows
-from .intervention import Intervention
-from .targets import target_torch
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
 from .workers import worker_init
 
 
 class _StopForward(Exception):
     """Raised by the hook in calibration: nothing after the hooked layer is needed."""
-
-
-@dataclass
-class Concepts:
-    """NMF concepts the full pass assigns cells to. H: (K, C) float32; optional shift/scale (C,) make
-    activations of layers with negative values non-negative: max((a - shift) / scale, 0)."""
-
-    H: np.ndarray
-    shift: np.ndarray | None = None
-    scale: np.ndarray | None = None
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -207,50 +196,6 @@ def choose_output_activation(requested: str, model_default: str | None, dry: tor
         return "none", ("the model's outputs already look like probabilities (non-negative, rows sum to 1: "
                         "softmax inside the model), so they are stored as they are (--output-activation none).")
     return "auto", ""
-
-
-def resolve_output(wanted: str | None, names: list[str], n_outputs: int) -> tuple[int | None, str]:
-    """Which output the fidelity statistics explain: a name or index the user gave (checked by
-    fidelity.choose_output); else 'TUM' when the model has it (the demo), else the only output, or the
-    positive (last) one of two; else None: not computed, the run says to pass --explain."""
-    names = list(names) if names and len(names) == n_outputs else [f"out_{i}" for i in range(n_outputs)]
-    if wanted is not None:
-        return choose_output(names, True, wanted)
-    if "TUM" in names:
-        return names.index("TUM"), "TUM"
-    if n_outputs <= 2:
-        return n_outputs - 1, names[n_outputs - 1]
-    return None, ""
-
-
-def _logits_tensor(y):
-    """The logits in a model's output: the tensor itself; a dict's 'logits' key, else its first tensor
-    value; an object's `.logits` attribute (e.g. Hugging Face outputs); a tuple's or list's first tensor."""
-    if isinstance(y, torch.Tensor):
-        return y
-    if isinstance(y, dict):
-        if isinstance(y.get("logits"), torch.Tensor):
-            return y["logits"]
-        y = list(y.values())
-    elif isinstance(getattr(y, "logits", None), torch.Tensor):
-        return y.logits
-    if isinstance(y, (tuple, list)):
-        found = next((v for v in y if isinstance(v, torch.Tensor)), None)
-        if found is not None:
-            return found
-    raise ValueError(f"the model returned {type(y).__name__} without a tensor of outputs; return the logits "
-                     "as a tensor, a tuple whose first tensor they are, a dict with a 'logits' key, or an "
-                     "object with a .logits attribute.")
-
-
-def _outputs_2d(y) -> torch.Tensor:
-    """Model output (see _logits_tensor) as (B, O) float32; spatial outputs averaged."""
-    y = _logits_tensor(y).float()
-    if y.ndim == 1:
-        y = y[:, None]
-    if y.ndim > 2:
-        y = y.flatten(2).mean(dim=2)
-    return y
 
 
 def looks_like_probabilities(y: torch.Tensor) -> bool:

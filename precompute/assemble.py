@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .activations import Concepts
+from .concepts import Concepts
 from .clustering import assign_labels, fit_kmeans
 from .cohort import SlideRecord
 from .config import RunConfig

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torchvision
 
-from precompute.models import ModelError
+from .model_base import ModelError
 
 # Output columns, in the Keras model's order. 0-8 are the Kather CRC tissue classes (PathMNIST);
 # 9-15 the HAM10000 skin-lesion classes (DermaMNIST); 16-23 blood-cell types (BloodMNIST).

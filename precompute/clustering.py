@@ -13,18 +13,13 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import KMeans
 
-__all__ = ["KMeansModel", "assign", "assign_labels", "fit_kmeans", "sample_rows"]
+from .sampling import sample_rows
+
+__all__ = ["KMeansModel", "assign", "assign_labels", "fit_kmeans"]
 
 KMeansModel = KMeans  # a fitted sklearn KMeans; cluster_centers_ (k, d) float32
 
 _MAX_K = np.iinfo(np.int16).max  # labels are stored as int16
-
-
-def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted row indices of a seeded sample of min(size, n) rows out of n (all rows if n <= size)."""
-    if n <= size:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 def _rows_f32(X: Any, idx: np.ndarray | slice) -> np.ndarray:

@@ -1,18 +1,31 @@
-"""The concepts H: fitted by NMF on the pooled calibration cells, or reused from an earlier atlas."""
+"""The concepts H: fitted by NMF on the pooled calibration cells, or reused from an earlier atlas.
+
+No torch at import: assembly and the fidelity stage need only the `Concepts` record; the torch NMF is
+imported when concepts are fitted."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .activations import Concepts
-from .nmf import TorchNMF, make_nonnegative
 from .parts import load_part, save_part
+from .sampling import sample_rows
 from .store import Atlas, AtlasFormatError
 
 CONCEPTS_FILE = "concepts.h5"
+
+
+@dataclass
+class Concepts:
+    """NMF concepts the full pass assigns cells to. H: (K, C) float32; optional shift/scale (C,) make
+    activations of layers with negative values non-negative: max((a - shift) / scale, 0)."""
+
+    H: np.ndarray
+    shift: np.ndarray | None = None
+    scale: np.ndarray | None = None
 
 
 def concepts_sha(c: Concepts) -> str:
@@ -49,8 +62,7 @@ def pool_cells(part_paths: list[Path], max_cells: int, seed: int) -> tuple[np.nd
         return np.zeros((0, 0), np.float32), 0.0
     V = np.concatenate(chunks)
     if len(V) > max_cells:
-        keep = np.sort(np.random.default_rng(seed).choice(len(V), max_cells, replace=False))
-        V = V[keep]
+        V = V[sample_rows(len(V), max_cells, seed)]
     V = V.astype(np.float32)
     return V, float(V.min())
 
@@ -63,6 +75,8 @@ def fit_concepts(V: np.ndarray, k: int, seed: int, max_iter: int, device: str | 
     """NMF on the pooled cells V (n, C). Layers with negative values are first shifted by a low
     percentile, scaled by the IQR and clamped at 0 (per channel), and the same transform is kept
     for the full pass. Returns the concepts and fit facts for the atlas."""
+    from .nmf import TorchNMF, make_nonnegative  # torch: only a run that fits concepts loads it
+
     shift = scale = None
     negative = bool((V < 0).any())
     if negative:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from .activations import Concepts, compute_signature, pick_device
+from .activations import compute_signature, pick_device
+from .concepts import Concepts
 from .models import LoadedModel, ModelSpec, load_model
 from .passes import FullPass, Pass, PassStats, SlideOutcome, SlideWork, pass_engine, run_slide
 from .tile_stream import SlideJob

@@ -12,181 +12,29 @@ Three measurements, after the seed paper's evaluation (docs: DESIGN.md section 2
 - K grid: NMF and k-means fitted for a few K on the calibration cells, with reconstruction error and
   output-regression R^2 per K, to help choose K.
 
-Pure numpy / scikit-learn: no torch here, so the dashboard can import it. The GradCAM maps come from
-the full pass; a torch NMF can be passed to `k_grid` as a callable.
+The per-tile GradCAM correlations are computed in the full pass (correlation.py), the output regression
+in regression.py (numpy); this module fits the K grid with scikit-learn, in the run's fidelity stage
+only. The dashboard never imports it: what it shows is read from the atlas (report.py). A torch NMF
+can be passed to `k_grid` as a callable.
 """
 
 from __future__ import annotations
 
-import difflib
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 
-from .regression import CV_REPEATS, output_regression, r2_score, repeated_group_cv
+from .regression import output_regression, repeated_group_cv
 
-if TYPE_CHECKING:
-    from .store import Atlas
+from .sampling import sample_rows
 
-__all__ = [
-    "cam_cluster_correlation",
-    "choose_output",
-    "fidelity_from_atlas",
-    "k_grid",
-    "k_grid_cells",
-    "nnls_batch",
-    "output_regression",
-    "repeated_group_cv",
-    "pearson_rows",
-    "positive_tiles",
-    "r2_score",
-    "summarise_cam_correlation",
-]
+__all__ = ["k_grid", "k_grid_cells", "nnls_batch"]
 
 _ROWS = 8192  # rows per chunk when streaming calibration cells, so no (n, C) float64 temporary appears
-
-
-# ----------------------------------------------------------------------------------------
-# Correlation with GradCAM
-# ----------------------------------------------------------------------------------------
-
-def _centre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre x (N, P, ...) over axis 1 in float64. Returns (centred x, constant mask (N, ...)).
-
-    Constancy is tested exactly (max == min) rather than by a small variance: the float mean of
-    identical values need not equal them, which would turn a constant row into noise, not NaN.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    const = x.max(axis=1) == x.min(axis=1)
-    return x - x.mean(axis=1, keepdims=True), const
-
-
-def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of each row of a with the same row of b.
-
-    a, b: (N, P). Returns (N,) float64 in [-1, 1]; NaN where either row is constant (r is undefined
-    there: e.g. a GradCAM map that is all zero, or a concept absent from the tile) or holds NaN.
-    """
-    a = np.asarray(a)
-    b = np.asarray(b)
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"pearson_rows needs two (N, P) arrays of the same shape, got {a.shape} and {b.shape}.")
-    ac, a_const = _centre(a)
-    bc, b_const = _centre(b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (ac * bc).sum(axis=1) / np.sqrt((ac * ac).sum(axis=1) * (bc * bc).sum(axis=1))
-    r[a_const | b_const] = np.nan
-    return np.clip(r, -1.0, 1.0)
-
-
-def cam_cluster_correlation(cam: np.ndarray, cell_weights: np.ndarray) -> np.ndarray:
-    """Per tile, Pearson r between the GradCAM map and each concept's weight map.
-
-    cam: (B, h, w) GradCAM at the hooked layer's cells; cell_weights: (B, h, w, K) per-cell NNLS
-    weights. Returns (B, K) float32; NaN where the CAM or the concept's map is constant on the tile.
-    """
-    cam = np.asarray(cam)
-    cw = np.asarray(cell_weights)
-    if cam.ndim != 3 or cw.ndim != 4 or cam.shape != cw.shape[:3]:
-        raise ValueError(f"cam must be (B, h, w) and cell_weights (B, h, w, K) on the same cells; got "
-                         f"{cam.shape} and {cw.shape}.")
-    b, h, w, k = cw.shape
-    cc, c_const = _centre(cam.reshape(b, h * w))           # (B, P), (B,)
-    wc, w_const = _centre(cw.reshape(b, h * w, k))         # (B, P, K), (B, K)
-    num = np.einsum("bp,bpk->bk", cc, wc)
-    den = np.sqrt((cc * cc).sum(axis=1)[:, None] * (wc * wc).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / den
-    r[c_const[:, None] | w_const] = np.nan
-    return np.clip(r, -1.0, 1.0).astype(np.float32)
-
-
-def _nan_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column mean, population std (ddof=0) and count of the finite values of x (N, K).
-    Mean and std are NaN for a column without finite values (no warning)."""
-    ok = np.isfinite(x)
-    n = ok.sum(axis=0)
-    x0 = np.where(ok, x, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = x0.sum(axis=0) / n
-        std = np.sqrt((np.where(ok, x - mean, 0.0) ** 2).sum(axis=0) / n)
-    return mean, std, n.astype(np.int64)
-
-
-def summarise_cam_correlation(r: np.ndarray, positive: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-concept summary of per-tile GradCAM correlations.
-
-    r: (N, K) per-tile r (NaN = undefined on that tile, ignored); positive: (N,) bool, the tiles the
-    model calls positive. Returns (K,) arrays: r_mean, r_std (population std), n (tiles with a
-    defined r) over all tiles, and r_pos_mean, r_pos_std, n_pos over the positive tiles.
-    Means and stds are NaN where a concept has no defined r.
-    """
-    r = np.asarray(r, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    if r.ndim != 2 or positive.shape != (r.shape[0],):
-        raise ValueError(f"r must be (N, K) and positive (N,); got {r.shape} and {positive.shape}.")
-    mean, std, n = _nan_stats(r)
-    pmean, pstd, pn = _nan_stats(r[positive])
-    return {"r_mean": mean, "r_std": std, "n": n, "r_pos_mean": pmean, "r_pos_std": pstd, "n_pos": pn}
-
-
-def positive_tiles(outputs: np.ndarray, probs: np.ndarray | None, index: int, threshold: float) -> np.ndarray:
-    """Tiles the model calls positive for output `index`: probability >= threshold.
-
-    outputs: (N, O) logits; probs: (N, O) stored probabilities, or None, in which case the
-    probability is the sigmoid of the logit. Returns (N,) bool.
-    """
-    if probs is not None:
-        p = np.asarray(probs)[:, index].astype(np.float64)
-    else:
-        p = 1.0 / (1.0 + np.exp(-np.asarray(outputs)[:, index].astype(np.float64)))
-    return p >= threshold
-
-
-# ----------------------------------------------------------------------------------------
-# Output regression
-# ----------------------------------------------------------------------------------------
-
-def choose_output(output_names: Sequence[str], probs_available: bool, wanted: str | int | None) -> tuple[int, str]:
-    """Resolve which model output to explain. Returns (index, name).
-
-    wanted: an index (int or a string of digits), a name matched case-insensitively (e.g. "TUM"), or
-    None, which picks the only output of a single-output model and is an error otherwise (the
-    message lists the names). probs_available: whether the atlas stores probabilities; it only
-    changes the wording of the error (the positive threshold applies to them).
-    """
-    names = [str(n) for n in output_names]
-    if not names:
-        raise ValueError("the model has no outputs to explain (the atlas stores no output columns).")
-    listing = ", ".join(f"{i}={n}" for i, n in enumerate(names))
-    if wanted is None:
-        if len(names) == 1:
-            return 0, names[0]
-        role = " (its logit is regressed, its probability decides which tiles count as positive)" \
-            if probs_available else " (its logit is regressed)"
-        raise ValueError(f"the model has {len(names)} outputs; choose the one to explain{role} by name or "
-                         f"index: {listing}.")
-    if isinstance(wanted, (bool, np.bool_)):
-        raise ValueError(f"output must be a name or an index, got {wanted!r}. Outputs: {listing}.")
-    if isinstance(wanted, str) and wanted.strip().isdigit():
-        wanted = int(wanted.strip())
-    if isinstance(wanted, (int, np.integer)):
-        if not 0 <= int(wanted) < len(names):
-            raise ValueError(f"output index {wanted} is out of range: the model has {len(names)} outputs "
-                             f"(0-{len(names) - 1}): {listing}.")
-        return int(wanted), names[int(wanted)]
-    key = str(wanted).strip().casefold()
-    hits = [i for i, n in enumerate(names) if n.casefold() == key]
-    if hits:
-        return hits[0], names[hits[0]]
-    folded = {n.casefold(): n for n in names}
-    close = [folded[c] for c in difflib.get_close_matches(key, list(folded), n=3, cutoff=0.5)]
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"no model output named {wanted!r}.{hint} Outputs: {listing}.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,9 +188,7 @@ def k_grid_cells(cells: np.ndarray, tile: np.ndarray, y: np.ndarray, groups: np.
                          f"{tile.shape}.")
     if V.size and V.min() < 0:
         raise ValueError("cells contain negative values; apply the concepts' non-negativity transform first.")
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(len(V), max_fit_cells, replace=False)) if len(V) > max_fit_cells else slice(None)
-    Vf = V[fit_rows]
+    Vf = V[sample_rows(len(V), max_fit_cells, seed)] if len(V) > max_fit_cells else V
     v_norm = float(np.sqrt(_sq_norm(Vf)))
     if v_norm == 0.0:
         raise ValueError("all calibration cells are zero; there is nothing to factorise.")
@@ -372,37 +218,3 @@ def k_grid_cells(cells: np.ndarray, tile: np.ndarray, y: np.ndarray, groups: np.
             record(i, "kmeans", _per_tile_sum(onehot, tile, n_tiles))
             record(i, "kmeans_dist", km.transform(mean_cell.astype(np.float32)))
     return {"ks": ks, **out}
-
-
-# ----------------------------------------------------------------------------------------
-# Reading back
-# ----------------------------------------------------------------------------------------
-
-def _scalar(value):
-    """A stored (1,) array as a Python number; anything else unchanged."""
-    arr = np.asarray(value)
-    if arr.dtype.kind in "biuf" and arr.size == 1:
-        return arr.reshape(-1)[0].item()
-    return value
-
-
-def fidelity_from_atlas(atlas: "Atlas") -> dict:
-    """What the atlas stores under the group `fidelity`, or {} when it has none.
-
-    Returns the group's attrs (output_index, output_name, threshold, groups, has_gradcam, ...),
-    its arrays ((1,) arrays such as r2 as Python floats; coef, cam_r_* as (K,) arrays) and
-    "k_grid": the arrays of `fidelity/k_grid` ({} when absent) and "k_grid_attrs" its attrs;
-    "agreement": arrays and attrs of `fidelity/agreement` ({} when absent, see precompute/agreement.py). The per-tile `gradcam_r` column is
-    not read here (it is N x K); read it with `atlas.tiles(["gradcam_r"])`.
-    """
-    attrs = atlas.group_attrs("fidelity")
-    arrays = atlas.group("fidelity")
-    if not attrs and not arrays:
-        return {}
-    out = dict(attrs)
-    out.update({name: _scalar(value) for name, value in arrays.items()})
-    out["k_grid"] = atlas.group("fidelity/k_grid")
-    out["k_grid_attrs"] = atlas.group_attrs("fidelity/k_grid")
-    out["agreement"] = {**atlas.group("fidelity/agreement"), **atlas.group_attrs("fidelity/agreement")}
-    out["importance"] = {**atlas.group("fidelity/importance"), **atlas.group_attrs("fidelity/importance")}
-    return out

@@ -14,12 +14,14 @@ import numpy as np
 
 from rich.markup import escape
 
-from .activations import Concepts
+from .concepts import Concepts
 from .agreement import SlideCells, cohort_agreement, importance_summary, min_cam_cells, tile_blocks
-from .clustering import sample_rows
+from .sampling import sample_rows
 from .parts import load_part
 from .config import RunConfig
-from .fidelity import k_grid_cells, output_regression, repeated_group_cv, summarise_cam_correlation
+from .correlation import summarise_cam_correlation
+from .fidelity import k_grid_cells
+from .regression import output_regression, repeated_group_cv
 from .regression import tile_groups as group_codes
 from .nmf import TorchNMF
 from .store import AtlasWriter

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from .targets import target_torch
+from .model_outputs import outputs_2d, target_torch
 
 
 class Intervention:
@@ -52,12 +52,10 @@ class Intervention:
         return c
 
     def _target(self, model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, autocast) -> torch.Tensor:
-        from .activations import _outputs_2d
-
         self.delta = delta
         try:
             with autocast():
-                y = _outputs_2d(model(x))
+                y = outputs_2d(model(x))
         finally:
             self.delta = None
         return target_torch(y.float(), self.output_index, self.target, self.activation)

@@ -31,6 +31,7 @@ from dashboard.enrichment import by_diagnosis, enrichment_table, slide_shares
 
 from . import notes as notes_mod
 from .atomic import atomic_path
+from .hashing import sha256_file
 from .store import Atlas
 
 N_PROTOTYPES = 8      # prototype crops shown per concept
@@ -340,7 +341,7 @@ def build_report(path: str | os.PathLike, notes: notes_mod.Notes | None = None, 
                  now: str | None = None) -> str:
     """The whole report as one HTML string. `notes`: names and notes of the concepts (None: unnamed)."""
     path = Path(path)
-    sha = sha256 or notes_mod.file_sha256(path)
+    sha = sha256 or sha256_file(path)
     now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     fid, why = _fidelity(path)
     with Atlas(path) as atlas:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sampling import sample_rows as sample
+
 __all__ = [
     "TorchNMF",
     "make_nonnegative",
@@ -340,9 +342,7 @@ def make_nonnegative(
             raise ValueError(f"low_pct is a percentile in percent, below the lower quartile; got {low_pct}.")
         if n == 0:
             raise ValueError("X has no rows; cannot estimate per-channel percentiles.")
-        rows = np.arange(n)
-        if n > sample_rows:
-            rows = np.sort(np.random.default_rng(seed).choice(n, sample_rows, replace=False))
+        rows = sample(n, sample_rows, seed)
         S = np.asarray(X[rows], dtype=np.float32)
         if not np.isfinite(S).all():
             raise ValueError("X contains NaN or infinite values; fix the activations before NMF.")

@@ -23,7 +23,6 @@ No torch, no streamlit.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_path
+from .hashing import sha256_file
 
 FORMAT = "lumen-notes"
 VERSION = 1
@@ -80,15 +80,6 @@ def default_path(atlas: str | os.PathLike) -> Path:
     return atlas.with_name(atlas.name + SUFFIX)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atlas_digest(atlas: str | os.PathLike, notes_path: str | os.PathLike | None = None) -> str:
     """sha256 of the atlas. When the notes file at `notes_path` recorded it together with the atlas's
     size and modification time and both still match (an atlas is replaced by rename, never edited in
@@ -101,7 +92,7 @@ def atlas_digest(atlas: str | os.PathLike, notes_path: str | os.PathLike | None 
                 return str(rec["sha256"])
         except (OSError, ValueError, AttributeError):
             pass  # unreadable or damaged: hash the atlas; read_notes will report the file's problem
-    return file_sha256(atlas)
+    return sha256_file(atlas)
 
 
 def clean_name(text: str) -> str:

@@ -24,7 +24,7 @@ from .activations import Concepts, Engine, stream_slides
 from .cohort import SlideRecord
 from .cellmask import cell_tissue_fraction, mask_glass
 from .config import RunConfig
-from .fidelity import cam_cluster_correlation
+from .correlation import cam_cluster_correlation
 from .models import find_layer
 from .parts import part_name, save_part
 from .stitching import CellCanvas, PrototypeHeap

@@ -20,15 +20,15 @@ import torch
 from rich.markup import escape
 
 from . import __version__
-from .activations import (Concepts, cell_layout, choose_output_activation, compute_signature, dry_outputs,
-                          pick_device, resolve_output)
+from .activations import cell_layout, choose_output_activation, compute_signature, dry_outputs, pick_device
 from .assemble import build_atlas
 from .cells import CellLayout
 from .atomic import remove_stale_tmp
 from .cohort import SlideRecord
-from .concepts import (CONCEPTS_FILE, auto_cells_per_tile, concepts_from_atlas, concepts_sha, fit_concepts,
+from .concepts import (CONCEPTS_FILE, Concepts, auto_cells_per_tile, concepts_from_atlas, concepts_sha, fit_concepts,
                        load_concepts, pool_cells, save_concepts)
 from .config import RunConfig
+from .explained import resolve_output
 from .fidelity_stage import write_fidelity
 from .models import LoadedModel, find_layer
 from .parts import attrs_done, is_done, part_name, read_part_attrs, save_part

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.decomposition import PCA
 
-from .clustering import sample_rows
+from .sampling import sample_rows
 
 __all__ = ["project"]
 

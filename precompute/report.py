@@ -3,7 +3,7 @@
 `report_dict` gathers the numbers (JSON-able: NaN becomes None) for the command line and the
 dashboard's Fidelity page; `format_report` renders them. Atlases written without fidelity results
 still get the output regression, computed here from the tile table. Reads through store.Atlas
-only; no torch.
+only; numpy, no torch and no scikit-learn, so the dashboard that imports this module loads neither.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import choose_output, fidelity_from_atlas, output_regression, repeated_group_cv
-from .regression import tile_groups
+from .explained import DEFAULT_TEXT, default_output
+from .regression import output_regression, repeated_group_cv, tile_groups
 from .store import Atlas
 from .targets import check_target, default_target, describe, target_values
 
-DEFAULT_OUTPUT = "TUM"  # explained by default when the atlas stores no choice (the demo model's tumour class)
 CAM_KEYS = ("cam_r_mean", "cam_r_std", "cam_n", "cam_r_pos_mean", "cam_r_pos_std", "cam_n_pos")
 CV_KEYS = ("r2_cv_median", "r2_cv_p5", "r2_cv_p95")
 AGREE_KEYS = tuple(f"{m}{sfx}" for m in ("pooled_r", "pooled_pos_r", "tile_r_mean", "tile_pos_r_mean")
@@ -59,14 +58,15 @@ def _target_chunked(atlas: Atlas, index: int, target: str, activation: str, chun
 
 
 def _computed(atlas: Atlas, weights: np.ndarray, groups: np.ndarray) -> tuple[int, str, str, np.ndarray, dict]:
-    """The regression of an atlas without fidelity results: (index, name, target, coef, regression dict)."""
+    """The regression of an atlas without fidelity results: (index, name, target, coef, regression dict),
+    explaining the run's default output (explained.default_output)."""
     names, config = atlas.output_names, atlas.config
-    try:
-        index, name = choose_output(names, False, DEFAULT_OUTPUT)
-    except ValueError:
-        index, name = 0, names[0] if names else "output 0"
-    activation = str(config.get("output_activation", "auto"))
     n_outputs = int(atlas.tile_shape("outputs")[1])
+    index, name = default_output(names if len(names) == n_outputs else [f"out_{i}" for i in range(n_outputs)])
+    if index is None:
+        raise ValueError(f"this atlas stores no fidelity results and its model has {n_outputs} outputs, none of "
+                         f"them the default ({DEFAULT_TEXT}); re-run precompute with --explain NAME.")
+    activation = str(config.get("output_activation", "auto"))
     target = check_target(config.get("target")) or default_target(activation, n_outputs)
     y = _target_chunked(atlas, index, target, activation)
     res = output_regression(weights, y, groups)
@@ -95,6 +95,36 @@ def _cluster_row(c: int, coef: np.ndarray, sd: float, dominant: np.ndarray, cam:
             str(d): [_num(np.asarray(importance[f"by_diagnosis_{m}"])[i, c]) for m in ("mean", "lo", "hi")]
             for i, d in enumerate(importance.get("diagnoses", []))}
     return row
+
+
+def _scalar(value):
+    """A stored (1,) array as a Python number; anything else unchanged."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "biuf" and arr.size == 1:
+        return arr.reshape(-1)[0].item()
+    return value
+
+
+def fidelity_from_atlas(atlas: "Atlas") -> dict:
+    """What the atlas stores under the group `fidelity`, or {} when it has none.
+
+    Returns the group's attrs (output_index, output_name, threshold, groups, has_gradcam, ...),
+    its arrays ((1,) arrays such as r2 as Python floats; coef, cam_r_* as (K,) arrays) and
+    "k_grid": the arrays of `fidelity/k_grid` ({} when absent) and "k_grid_attrs" its attrs;
+    "agreement": arrays and attrs of `fidelity/agreement` ({} when absent, see precompute/agreement.py). The per-tile `gradcam_r` column is
+    not read here (it is N x K); read it with `atlas.tiles(["gradcam_r"])`.
+    """
+    attrs = atlas.group_attrs("fidelity")
+    arrays = atlas.group("fidelity")
+    if not attrs and not arrays:
+        return {}
+    out = dict(attrs)
+    out.update({name: _scalar(value) for name, value in arrays.items()})
+    out["k_grid"] = atlas.group("fidelity/k_grid")
+    out["k_grid_attrs"] = atlas.group_attrs("fidelity/k_grid")
+    out["agreement"] = {**atlas.group("fidelity/agreement"), **atlas.group_attrs("fidelity/agreement")}
+    out["importance"] = {**atlas.group("fidelity/importance"), **atlas.group_attrs("fidelity/importance")}
+    return out
 
 
 def report_dict(path: str | Path) -> dict[str, Any]:
@@ -147,8 +177,7 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         index, name, target, coef, reg = computed
         threshold, gradcam, k_grid, agreement, k_grid_info, importance = None, False, {}, {}, {}, {}
         notes.append(f"this atlas stores no fidelity results: the output regression was computed now from the "
-                     f"tile table, explaining output {name!r} (index {index}; {DEFAULT_OUTPUT!r} when the model "
-                     "has it, else output 0).")
+                     f"tile table, explaining output {name!r} (index {index}; the default: {DEFAULT_TEXT}).")
     if not gradcam:
         notes.append("GradCAM was not computed for this atlas (run with --gradcam to compute it).")
     if not k_grid:

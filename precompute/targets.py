@@ -8,8 +8,8 @@ intervention importance explain, for output (class) c of a model with O outputs 
 - `contrast`:  z_c - mean_{j != c} z_j, the logit against the mean of the others (offset-free and linear).
 
 Defaults (`default_target`): log-odds for multi-output softmax heads, logit otherwise (sigmoid heads,
-one output, no activation). numpy here; the torch version is imported lazily so the dashboard never
-loads torch.
+one output, no activation). numpy only; the torch version (GradCAM, intervention) is
+model_outputs.target_torch.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def target_values(outputs: np.ndarray, index: int, kind: str, output_activation:
     if z.ndim != 2 or not 0 <= index < z.shape[1]:
         raise ValueError(f"outputs must be (N, O) with output {index} in range; got shape {z.shape}.")
     zc = z[:, index]
-    if kind == "logit" or z.shape[1] == 1 or (kind == "log-odds" and _is_sigmoid(output_activation, z.shape[1])):
+    if kind == "logit" or z.shape[1] == 1 or (kind == "log-odds" and is_sigmoid(output_activation, z.shape[1])):
         return zc
     others = np.delete(z, index, axis=1)
     if kind == "contrast":
@@ -63,24 +63,7 @@ def target_values(outputs: np.ndarray, index: int, kind: str, output_activation:
     raise ValueError(f"unknown target {kind!r}; one of {', '.join(TARGETS)}.")
 
 
-def target_torch(logits, index: int, kind: str, output_activation: str = "auto"):
-    """As target_values on a (B, O) torch tensor, differentiable (GradCAM, intervention). Returns (B,)."""
-    import torch
-
-    zc = logits[:, index]
-    n = logits.shape[1]
-    if kind == "logit" or n == 1 or (kind == "log-odds" and _is_sigmoid(output_activation, n)):
-        return zc
-    keep = [j for j in range(n) if j != index]
-    others = logits[:, keep]
-    if kind == "contrast":
-        return zc - others.mean(dim=1)
-    if kind == "log-odds":
-        return zc - torch.logsumexp(others, dim=1)
-    raise ValueError(f"unknown target {kind!r}; one of {', '.join(TARGETS)}.")
-
-
-def _is_sigmoid(output_activation: str, n_outputs: int) -> bool:
+def is_sigmoid(output_activation: str, n_outputs: int) -> bool:
     """Whether each output is its own sigmoid (multi-label head): its logit is its log-odds."""
     return output_activation == "sigmoid" or (output_activation == "auto" and n_outputs == 1)
 

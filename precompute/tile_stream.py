@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .cohort import SlideRecord
 from .config import RunConfig
+from .sampling import sample_rows
 from .slides import open_slide
 from .tile_plan import slide_plan
 from .tissue import read_tile
@@ -79,14 +80,6 @@ class SlideFailed:
     error: str
 
 
-def sample_rows(n: int, k: int, seed: int, slide_id: str) -> np.ndarray:
-    """Seeded, slide-specific sorted sample of k of n rows (all rows when k >= n)."""
-    if k >= n:
-        return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng([seed, int.from_bytes(slide_id.encode()[:16].ljust(16, b"\0"), "little") % (2**63)])
-    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-
-
 def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 70) -> bytes:
     """Encode an (h, w, 3) uint8 image as JPEG, optionally resized to side x side."""
     img = Image.fromarray(rgb)
@@ -117,7 +110,7 @@ class TileStream(IterableDataset):
                 plan = slide_plan(slide, rec, cfg, job.plan_path, job.plan_key)
                 grid = plan.grid
                 n_all = len(grid.coords)
-                rows = sample_rows(n_all, job.sample_tiles, cfg.seed, rec.slide_id) if job.sample_tiles else \
+                rows = sample_rows(n_all, job.sample_tiles, cfg.seed, key=rec.slide_id) if job.sample_tiles else \
                     np.arange(n_all, dtype=np.int64)
                 yield SlidePlan(
                     index=job.index, width=plan.width, height=plan.height, mpp=plan.mpp,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .models import TIMM_PREFIX, ModelError, ModelSpec, _strip_wrappers, build_and_load
+from .model_base import TIMM_PREFIX, ModelError, ModelSpec, build_and_load, strip_wrappers
 
 
 def check_timm_arch(arch: str) -> None:
@@ -43,7 +43,7 @@ def _create(name: str, meta: bool = False, **kwargs) -> torch.nn.Module:
 
 def _build_kwargs(state: dict[str, torch.Tensor], name: str, num_classes: int | None) -> tuple[dict, bool]:
     """timm.create_model kwargs the checkpoint asks for, and whether it is headless."""
-    bare = {_strip_wrappers(k): v for k, v in state.items()}
+    bare = {strip_wrappers(k): v for k, v in state.items()}
     probe = _create(name, meta=True)
     head = getattr(probe, "pretrained_cfg", {}).get("classifier", "head")
     head = head if isinstance(head, str) else "head"

@@ -27,9 +27,11 @@ from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold
 
 from conftest import REPO, run_cli
-from precompute.fidelity import (cam_cluster_correlation, choose_output, fidelity_from_atlas, k_grid, nnls_batch,
-                                 output_regression, pearson_rows, summarise_cam_correlation)
-from precompute.report import format_report, report_dict
+from precompute.correlation import cam_cluster_correlation, pearson_rows, summarise_cam_correlation
+from precompute.explained import choose_output
+from precompute.fidelity import k_grid, nnls_batch
+from precompute.regression import output_regression
+from precompute.report import fidelity_from_atlas, format_report, report_dict
 from precompute.store import Atlas
 
 PATIENTS = ("22549AB", "14134E", "10926", "12204")  # 2 benign, 2 malignant; 2 images each

@@ -195,7 +195,7 @@ def test_gradcam_on_tokens_is_the_gradient_on_the_patch_grid():
     spec = ModelSpec(name="vit")
     tiles = torch.from_numpy(np.stack(zoo_models.tile_images(2)))
     H = np.abs(np.random.default_rng(0).normal(size=(3, 192))).astype(np.float32)
-    from precompute.activations import Concepts
+    from precompute.concepts import Concepts
 
     engine = Engine(net, spec, net.blocks[5], torch.device("cpu"), relu=False, concepts=Concepts(H),
                     gradcam_output=1)

@@ -22,6 +22,7 @@ from .. import overlay, raster, state, ui, viewport as vp
 from ..colors import VIRIDIS_HEX, concept_color, concept_label, legend_html
 from ..data import AtlasData
 from ..pixels import Pixels
+from ..tile_link import set_view as _set_view, slide_size
 
 LAYERS = {"clusters": "Concept map", "soft": "Soft map of one concept", "output": "Model output",
           "gradcam": "GradCAM"}
@@ -78,33 +79,6 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
 
 
 # -- view state ---------------------------------------------------------------------------
-def slide_size(data: AtlasData, i: int) -> tuple[float, float]:
-    """Level-0 (width, height) of slide i (from the slide table, else from its thumbnail)."""
-    row = data.slides.iloc[i]
-    w, h = float(row.get("width", 0) or 0), float(row.get("height", 0) or 0)
-    if w > 0 and h > 0:
-        return w, h
-    maps = data.slide_maps(i)
-    ds = float(maps.attrs["thumb_downsample"])
-    return maps["thumbnail"].shape[1] * ds, maps["thumbnail"].shape[0] * ds
-
-
-def _set_view(view: vp.View, sid: str) -> None:
-    st.session_state[state.widget_key("view")] = view.param()
-    st.session_state["_view_slide"] = sid
-    state.write("view", view.param())
-
-
-def open_tile(data: AtlasData, row: int) -> None:
-    """Callback: open tile `row` on its slide, centred, outlined (from prototypes, galleries, points)."""
-    i = int(data.tile_slide[row])
-    sid = str(data.slide_ids()[i])
-    w, h = slide_size(data, i)
-    t = float(data.slides["tile_l0"].iat[i])
-    state.go(page="slides", slide=sid, tile=int(row))
-    _set_view(vp.tile_view(float(data.x[row]), float(data.y[row]), t, w, h), sid)
-
-
 def _current_view(data: AtlasData, i: int, sid: str, tile: int | None) -> vp.View:
     """The view of this slide: kept while the slide stays; from the URL when a link is opened; else the
     selected tile (when the link names one) or the whole slide."""

@@ -1,0 +1,22 @@
+"""One row sampler for the whole job: calibration tiles per slide, NMF and k-means fit samples, the
+projection's fit sample, the K grid's cells. Seeded by the run's seed and, where a sample belongs to
+one slide, by a full sha256 of the slide id."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .hashing import id_words
+
+
+def generator(seed: int, key: str | None = None) -> np.random.Generator:
+    """numpy Generator for `seed`, or for (seed, all bytes of key) when a key (a slide id) is given."""
+    return np.random.default_rng(int(seed) if key is None else [int(seed), *id_words(key)])
+
+
+def sample_rows(n: int, size: int, seed: int, key: str | None = None) -> np.ndarray:
+    """Sorted int64 indices of a seeded sample of min(size, n) of n rows, without replacement (all rows
+    when size >= n). key: e.g. a slide id, so each slide gets its own sample under one seed."""
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(generator(seed, key).choice(n, int(size), replace=False)).astype(np.int64)
