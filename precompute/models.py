@@ -79,6 +79,41 @@ class LayerInfo:
     calls: int = 1
 
 
+def load_model(model: str, *, arch: str | None = None, input_px: int | None = None,
+               scale: float | None = None, mean: tuple | None = None, std: tuple | None = None,
+               num_classes: int | None = None) -> LoadedModel:
+    """Load `model` (see the module docstring for the accepted forms) on CPU in eval mode.
+
+    input_px / scale / mean / std override the model's defaults. arch (and num_classes, else inferred
+    from the checkpoint's last Linear layer) apply to state_dict checkpoints only.
+    """
+    model = str(model)
+    path = Path(model).expanduser()
+    try:
+        exists = path.exists()
+    except OSError:  # e.g. a name too long to be a path: treat it as "not a file"
+        exists = False
+    if model in BUILTIN_MODELS:
+        _refuse_arch(model, arch, num_classes, "is a built-in model")
+        loaded = _load_builtin(model)
+    elif exists:
+        loaded = _load_file(model, path, arch, num_classes)
+    elif _FACTORY_RE.match(model):
+        _refuse_arch(model, arch, num_classes, "is a factory; its function builds the whole model")
+        loaded = _load_factory(model)
+    else:
+        close = difflib.get_close_matches(model, BUILTIN_MODELS, n=1, cutoff=0.6)
+        hint = f" Did you mean the built-in {close[0]!r}?" if close else ""
+        raise ModelError(
+            f"Model file not found: {path.resolve()}.{hint} Pass an existing state_dict file with --arch, "
+            f"a built-in model ({', '.join(BUILTIN_MODELS)}), or 'package.module:factory'.")
+    overrides = {k: v for k, v in dict(input_px=input_px, scale=scale, mean=mean, std=std).items() if v is not None}
+    if overrides:
+        loaded.spec = dataclasses.replace(loaded.spec, **overrides)
+    loaded.module = loaded.module.cpu().eval()
+    return loaded
+
+
 def _refuse_arch(model: str, arch: str | None, num_classes: int | None, why: str) -> None:
     if arch is not None or num_classes is not None:
         raise ModelError(f"{model!r} {why}: arch / num_classes only apply to state_dict checkpoint files. Drop them.")
