@@ -13,6 +13,8 @@ RUN pip install -r requirements.txt
 COPY precompute/ precompute/
 COPY dashboard/ dashboard/
 COPY pyproject.toml README.md ./
+# Lumen itself (its dependencies are the pins above), so `streamlit run dashboard/app.py` imports it.
+RUN pip install --no-deps -e .
 
 # Slides and atlases live on mounted volumes: /data (input, read-only is fine) and /out.
 VOLUME ["/data", "/out", "/cache"]

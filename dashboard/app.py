@@ -1,6 +1,7 @@
-"""Lumen review dashboard (read-only). Launch from the repository root:
+"""Lumen review dashboard (read-only). Launch from the repository root after README's install command
+(`pip install -e .` makes the `dashboard` and `precompute` packages importable from anywhere):
 
-    streamlit run dashboard/app.py -- --atlas demo/atlas.h5
+    streamlit run dashboard/app.py -- --atlas demo/atlas.h5      (or: lumen-dashboard --atlas demo/atlas.h5)
 
 dashboard/.streamlit/config.toml binds it to 127.0.0.1 (override with --server.address). The atlas
 path can also come from the LUMEN_ATLAS environment variable. See docs/dashboard.md.
@@ -11,18 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
-    sys.path.insert(0, str(ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from dashboard import links, naming, state  # noqa: E402
-from dashboard.guard import atlas_guard, show  # noqa: E402
-from dashboard.data import AtlasFormatError, load  # noqa: E402
-from dashboard.views import cluster, enrichment, fidelity, overview, slide  # noqa: E402
+from dashboard import links, naming, state
+from dashboard.guard import atlas_guard, show
+from dashboard.data import AtlasFormatError, load
+from dashboard.views import cluster, enrichment, fidelity, overview, slide
 
 VIEWS = {"overview": overview, "cluster": cluster, "slides": slide, "enrichment": enrichment,
          "fidelity": fidelity}

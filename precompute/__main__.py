@@ -4,6 +4,14 @@ import os
 # spin while waiting steal those cycles. Passive waiting keeps the readers fed (see bench/README.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli import main  # noqa: E402  (after the environment is set, before torch is imported)
 
-main()
+
+def run() -> None:
+    """`python -m precompute` and the `lumen-precompute` command."""
+    from .cli import main  # after the environment is set, before torch is imported
+
+    main()
+
+
+if __name__ == "__main__":
+    run()
