@@ -20,7 +20,7 @@ from .concepts import Concepts
 from .intervention import Intervention
 from .model_outputs import outputs_2d as _outputs_2d, target_torch
 from .models import ModelSpec, normalise_on_device
-from .nmf import nnls_rows
+from .nmf import NNLS_SWEEPS, nnls_rows
 from .tile_stream import SlideEnd, SlideFailed, SlidePlan, TileBatch, TileStream
 from .workers import worker_init
 
@@ -81,7 +81,7 @@ class LayerProbe:
     """Forward hook on one module. Per call it leaves its reductions in `self.out` (device tensors)."""
 
     def __init__(self, module: torch.nn.Module, *, relu: bool, concepts: Concepts | None,
-                 device: torch.device, calib_cells: int = 0, nnls_iter: int = 30,
+                 device: torch.device, calib_cells: int = 0, nnls_iter: int = NNLS_SWEEPS,
                  model: torch.nn.Module | None = None):
         self.relu = relu
         self.model = model  # the whole network: how many class/register tokens a ViT layer carries
@@ -329,5 +329,5 @@ def stream_slides(stream: TileStream, workers: int) -> Iterator[object]:
     yield from loader
 
 
-__all__ = ["Concepts", "Engine", "LayerProbe", "layer_geometry", "pick_device", "stream_slides",
+__all__ = ["Engine", "LayerProbe", "layer_geometry", "pick_device", "stream_slides",
            "SlidePlan", "TileBatch", "SlideEnd", "SlideFailed"]

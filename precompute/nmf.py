@@ -34,6 +34,7 @@ __all__ = [
 _CHECK_ROWS = 65536  # rows per chunk when validating or reducing V, so no (n, C) temporary appears
 _W_SWEEPS = 4  # coordinate sweeps over W per V @ H.T product (each sweep costs ~K/C of the product)
 _H_SWEEPS = 8  # sweeps over H per W.T @ V product (H is (K, C): almost free)
+NNLS_SWEEPS = 30  # coordinate sweeps of nnls_rows after its unconstrained start: the full pass's cell weights
 
 
 def _default_device() -> torch.device:
@@ -170,7 +171,7 @@ def _sweep_rows(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int
             torch.clamp(torch.addmv(Ps[k], X.T, Gs[k], alpha=-1.0), min=0, out=X[k])
 
 
-def nnls_rows(V: torch.Tensor, H: torch.Tensor, *, n_iter: int = 50) -> torch.Tensor:
+def nnls_rows(V: torch.Tensor, H: torch.Tensor, *, n_iter: int = NNLS_SWEEPS) -> torch.Tensor:
     """Non-negative least squares of each row of V against fixed H: argmin_w>=0 ||v - w H||.
 
     V: (n, C), H: (K, C), both on the same device. Returns W (n, K) float32 on V's device.
@@ -290,7 +291,7 @@ class TorchNMF:
         self.n_iter_ = it
         return self
 
-    def transform(self, V: Any, *, batch_rows: int = 65536, n_iter: int = 50) -> np.ndarray:
+    def transform(self, V: Any, *, batch_rows: int = 65536, n_iter: int = NNLS_SWEEPS) -> np.ndarray:
         """Cluster weights W (n, K) float32 for rows V (n, C) >= 0, H fixed, batch by batch."""
         if self.components_ is None:
             raise RuntimeError("TorchNMF is not fitted: call fit(V) or TorchNMF.from_components(H) first.")

@@ -21,7 +21,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .runlock import write_errno
-from .store import pack_ragged
+from .store import pack_ragged, unpack_ragged
 
 PART_VERSION = 1
 
@@ -99,9 +99,7 @@ def load_part(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 continue
             if name.endswith("__bytes"):
                 base = name[: -len("__bytes")]
-                data = f[name][()]
-                offs = f[f"{base}__offsets"][()]
-                arrays[base] = [data[offs[i]:offs[i + 1]].tobytes() for i in range(len(offs) - 1)]
+                arrays[base] = unpack_ragged(f[name][()], f[f"{base}__offsets"][()])
             else:
                 arrays[name] = f[name][()]
     return arrays, attrs

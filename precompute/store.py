@@ -99,6 +99,15 @@ def pack_ragged(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), offsets
 
 
+def unpack_ragged(data: Any, offsets: Any, rows: Iterable[int] | None = None) -> list[bytes]:
+    """The byte strings `rows` (default: all) of a pack_ragged pair; data and offsets may be h5py datasets,
+    which are then read one slice per row. On disk the pair is named per place (kept from earlier
+    versions): tiles/thumb_jpeg + tiles/thumb_offsets, <group>/<name>_bytes + <group>/<name>_offsets in
+    atlas groups, <name>__bytes + <name>__offsets in part files."""
+    rows = range(len(offsets) - 1) if rows is None else rows
+    return [data[int(offsets[int(r)]):int(offsets[int(r) + 1])].tobytes() for r in rows]
+
+
 class _Appendable:
     """A row-chunked dataset that grows as slides are added."""
 
@@ -816,14 +825,8 @@ class Atlas:
 
     def thumbnails(self, rows: Sequence[int]) -> list[bytes]:
         """JPEG bytes of the given tiles' thumbnails (read lazily, one slice each)."""
-        out = []
         with self.reading("tiles/thumb_jpeg"):
-            offs = self.f["tiles/thumb_offsets"]
-            data = self.f["tiles/thumb_jpeg"]
-            for r in rows:
-                a, b = offs[int(r)], offs[int(r) + 1]
-                out.append(data[a:b].tobytes())
-        return out
+            return unpack_ragged(self.f["tiles/thumb_jpeg"], self.f["tiles/thumb_offsets"], rows)
 
     # -- clusters -----------------------------------------------------------------------
     def group(self, name: str) -> dict[str, np.ndarray]:
@@ -840,10 +843,7 @@ class Atlas:
     def ragged(self, group: str, name: str, rows: Sequence[int] | None = None) -> list[bytes]:
         """Byte strings stored with `put_group(..., {name: [bytes, ...]})`."""
         with self.reading(f"{group}/{name}_bytes"):
-            data = self.f[f"{group}/{name}_bytes"]
-            offs = self.f[f"{group}/{name}_offsets"][()]
-            rows = range(len(offs) - 1) if rows is None else rows
-            return [data[offs[r]:offs[r + 1]].tobytes() for r in rows]
+            return unpack_ragged(self.f[f"{group}/{name}_bytes"], self.f[f"{group}/{name}_offsets"][()], rows)
 
     def close(self) -> None:
         self.f.close()

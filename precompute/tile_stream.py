@@ -68,6 +68,12 @@ class TileBatch:
     pixels: torch.Tensor        # (B, tile_px, tile_px, 3) uint8
     thumbs: list[bytes] = field(default_factory=list)  # JPEG thumbnails, one per tile
 
+    def pin_memory(self) -> "TileBatch":
+        """Page-locked pixels, called by DataLoader(pin_memory=True) on CUDA machines: the engine's
+        `.to(device, non_blocking=True)` then copies them while the previous batch computes."""
+        self.pixels = self.pixels.pin_memory()
+        return self
+
 
 @dataclass
 class SlideEnd:
