@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from precompute.images import encode_image
+
 from .colors import concept_lut, rgb, viridis
 
 
@@ -77,9 +79,7 @@ def value_rgba(grid: np.ndarray, vrange: tuple[float, float] = (0.0, 1.0)) -> np
 
 def encode(img: np.ndarray, fmt: str = "JPEG", quality: int = 88) -> bytes:
     """uint8 image -> JPEG (quality 88 unless given) or PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+    return encode_image(img, fmt, quality)
 
 
 def upscale(img: np.ndarray, width: int) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import math
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from dashboard.enrichment import by_diagnosis, enrichment_table, slide_shares
 from . import notes as notes_mod
 from .atomic import atomic_path
 from .hashing import sha256_file
+from .images import encode_image
 from .store import Atlas
 
 N_PROTOTYPES = 8      # prototype crops shown per concept
@@ -314,9 +314,7 @@ def slide_overlay(atlas: Atlas, i: int, k: int, mpp: float, opacity: float = 0.5
         img = draw_scale_bar(img, mpp * ds * w / img.width)
     else:
         note = "pixel size unknown: no scale bar"
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue(), note
+    return encode_image(img, "JPEG", 85), note
 
 
 def _examples(atlas: Atlas, g: dict, labels: list[str]) -> str:

@@ -9,11 +9,12 @@ activations first, as the authors do, would need a C x grid canvas per slide (10
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 from PIL import Image
+
+from .images import encode_image
 
 
 class CellCanvas:
@@ -88,11 +89,8 @@ class PrototypeHeap:
         y0 = int(round(min(max((cy + 0.5) * cell - span / 2, 0), side - span)))
         x0 = int(round(min(max((cx + 0.5) * cell - span / 2, 0), side - span)))
         s = int(round(span))
-        img = Image.fromarray(np.ascontiguousarray(tile[y0:y0 + s, x0:x0 + s]))
-        img = img.resize((self.crop_px, self.crop_px), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        return buf.getvalue()
+        return encode_image(tile[y0:y0 + s, x0:x0 + s], "JPEG", 85, side=self.crop_px,
+                            resample=Image.Resampling.BICUBIC)
 
     def arrays(self) -> dict[str, object]:
         """Flat columns: cluster, tile (row within the slide), cell_y, cell_x, weight, crop (JPEG list)."""

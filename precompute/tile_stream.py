@@ -7,18 +7,17 @@ small and picklable; failures are yielded as messages so one corrupt slide never
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .cohort import SlideRecord
 from .config import RunConfig
+from .images import encode_image
 from .sampling import sample_rows
 from .slides import open_slide
 from .tile_plan import slide_plan
@@ -88,12 +87,7 @@ class SlideFailed:
 
 def jpeg_bytes(rgb: np.ndarray, side: int | None = None, quality: int = 70) -> bytes:
     """Encode an (h, w, 3) uint8 image as JPEG, optionally resized to side x side."""
-    img = Image.fromarray(rgb)
-    if side is not None and img.size != (side, side):
-        img = img.resize((side, side), Image.Resampling.BOX)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    return encode_image(rgb, "JPEG", quality, side=side)
 
 
 class TileStream(IterableDataset):
