@@ -32,6 +32,7 @@ from . import notes as notes_mod
 from .atomic import atomic_path
 from .hashing import sha256_file
 from .images import encode_image
+from .report import report_dict
 from .store import Atlas
 
 N_PROTOTYPES = 8      # prototype crops shown per concept
@@ -114,7 +115,6 @@ def _gather(atlas: Atlas) -> dict[str, Any]:
 def _fidelity(path: Path) -> tuple[dict | None, str]:
     """report_dict of the atlas, or (None, why) when it cannot be computed for this atlas."""
     try:
-        from .report import report_dict  # scikit-learn; kept lazy so the rest of the report never needs it
         return report_dict(path), ""
     except Exception as exc:  # noqa: BLE001 - any failure only drops this section, with the reason shown
         return None, f"{type(exc).__name__}: {exc}"
