@@ -55,9 +55,9 @@ def write_tiff(path: Path, img: np.ndarray, mpp: float | None = MPP, factors: tu
 
 
 def write_slide(path: Path, seed: int, width: int = 768, height: int = 512, mpp: float | None = MPP,
-                tissue: bool = True, factors: tuple[int, ...] = (1, 4)) -> Path:
+                tissue: bool = True, factors: tuple[int, ...] = (1, 4), blobs: int = 6) -> Path:
     """A generated pyramidal slide (see `slide_pixels` and `write_tiff`)."""
-    return write_tiff(path, slide_pixels(seed, width, height, tissue), mpp, factors)
+    return write_tiff(path, slide_pixels(seed, width, height, tissue, blobs), mpp, factors)
 
 
 def write_broken(path: Path) -> Path:
@@ -104,7 +104,7 @@ def write_review_cohort(folder: Path) -> Path:
             path = write_slide(folder / f"{sid}.tiff", seed=10 * d + i, width=448, height=448)
             rows.append({"slide_id": sid, "path": str(path), "diagnosis": diagnosis,
                          "subtype": subtypes[diagnosis][i // 2], "patient": f"{diagnosis}-{i // 2}"})
-    cmu = write_slide(folder / "cmu.tiff", seed=7, width=1120, height=896)
+    cmu = write_slide(folder / "cmu.tiff", seed=7, width=1120, height=896, blobs=14)  # ~75 % tissue, as a section
     small = write_slide(folder / "small.tiff", seed=8, width=96, height=96, tissue=False, factors=(1,))
     for sid, path in (("cmu", cmu), ("small", small), ("broken", write_broken(folder / "broken.svs"))):
         rows.append({"slide_id": sid, "path": str(path), "diagnosis": "squamous", "subtype": "epithelium",

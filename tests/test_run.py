@@ -1,4 +1,5 @@
-"""`precompute run` end to end on real slides, as a user runs it (subprocess, CPU)."""
+"""`precompute run` end to end as a user runs it (subprocess, CPU): cohort mistakes and mixed cohorts on
+generated slides; facts about the real CMU and BreakHis runs with ../shared/data."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import h5py
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from conftest import REPO, run_cli
+from generated import slide_pixels, write_broken, write_slide
 from precompute.store import Atlas
 
 
@@ -27,6 +31,20 @@ def _manifest(tmp_path: Path, rows: list[tuple[str, str, str]], extra_header: st
     path = tmp_path / "manifest.csv"
     lines = ["slide_id,path,diagnosis" + extra_header] + [",".join(r) for r in rows]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    """A generated 768 x 512 px pyramidal TIFF that carries its pixel size (0.5 um/px)."""
+    return write_slide(tmp_path_factory.mktemp("run") / "gen.tiff", seed=1)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    """A generated plain (strip) TIFF without a pixel size: read by the image fallback."""
+    path = tmp_path_factory.mktemp("plain") / "plain.tif"
+    Image.fromarray(slide_pixels(2, 448, 448)).save(path)
     return path
 
 
@@ -59,14 +77,14 @@ def test_cmu_slide_end_to_end(cmu_atlas):
     assert events[-1]["exit_code"] == 0
 
 
-def test_mixed_cohort_reports_broken_and_empty_slides(data_dir, tmp_path):
-    """broken.svs fails with its reason, small.svs ends with 0 tiles, kidney goes through the
-    image fallback at native resolution; the exit code says 'finished with failures'."""
-    s = data_dir / "slides"
-    manifest = _manifest(tmp_path, [("cmu", str(s / "CMU-1-Small-Region.svs"), "normal"),
-                                    ("small", str(s / "small.svs"), "normal"),
-                                    ("kidney", str(s / "kidney-48-5.tif"), "kidney"),
-                                    ("broken", str(data_dir / "bad" / "broken.svs"), "normal")])
+@pytest.mark.slow
+def test_mixed_cohort_reports_broken_and_empty_slides(slide, plain, tmp_path):
+    """An unreadable file fails with its reason, a slide smaller than a tile ends with 0 tiles, a plain
+    TIFF goes through the image fallback at native resolution; the exit code says 'finished with failures'."""
+    small = write_slide(tmp_path / "small.tiff", 3, 96, 96, tissue=False, factors=(1,))
+    manifest = _manifest(tmp_path, [("gen", str(slide), "normal"), ("small", str(small), "normal"),
+                                    ("plain", str(plain), "kidney"),
+                                    ("broken", str(write_broken(tmp_path / "broken.svs")), "normal")])
     out = tmp_path / "atlas.h5"
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(out),
                    "--native-resolution", "--min-tissue", "0.05", "--workers", "1", "--no-progress")
@@ -75,26 +93,28 @@ def test_mixed_cohort_reports_broken_and_empty_slides(data_dir, tmp_path):
     with Atlas(out) as atlas:
         sl = atlas.slides()
         status = dict(zip(sl["slide_id"], sl["status"]))
-        assert status == {"cmu": "ok", "small": "no_tissue", "kidney": "ok", "broken": "failed"}
+        assert status == {"gen": "ok", "small": "no_tissue", "plain": "ok", "broken": "failed"}
         i = list(sl["slide_id"]).index("broken")
-        assert "broken.svs" in sl["error"][i] or "OpenSlide" in sl["error"][i]
+        assert "broken.svs" in sl["error"][i] and "not a readable slide" in sl["error"][i]
         assert sl["n_tiles"][list(sl["slide_id"]).index("small")] == 0
-        kidney = list(sl["slide_id"]).index("kidney")
-        assert sl["mpp_source"][kidney] == "native" and sl["n_tiles"][kidney] > 0
+        j = list(sl["slide_id"]).index("plain")
+        assert sl["mpp_source"][j] == "native" and sl["n_tiles"][j] == 4  # 448 px: 2 x 2 tiles of 224 file px
+        assert sl["mpp_source"][list(sl["slide_id"]).index("gen")] == "file"
     failed = [e for e in _events(out) if e["event"] == "slide_failed"]
     assert {e["slide_id"] for e in failed} == {"broken"}
 
 
-def test_missing_pixel_size_fails_that_slide_with_advice(data_dir, tmp_path):
-    manifest = _manifest(tmp_path, [("cmu", str(data_dir / "slides" / "CMU-1-Small-Region.svs"), "a"),
-                                    ("kidney", str(data_dir / "slides" / "kidney-48-5.tif"), "b")])
+@pytest.mark.slow
+def test_missing_pixel_size_fails_that_slide_with_advice(slide, plain, tmp_path):
+    manifest = _manifest(tmp_path, [("gen", str(slide), "a"), ("plain", str(plain), "b")])
     out = tmp_path / "atlas.h5"
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(out),
                    "--workers", "0", "--no-progress")
     assert proc.returncode == 1
     with Atlas(out) as atlas:
         sl = atlas.slides()
-        err = sl["error"][list(sl["slide_id"]).index("kidney")]
+        assert dict(zip(sl["slide_id"], sl["status"])) == {"gen": "ok", "plain": "failed"}
+        err = sl["error"][list(sl["slide_id"]).index("plain")]
         assert "--mpp" in err and "--native-resolution" in err
 
 
@@ -102,7 +122,7 @@ def test_missing_pixel_size_fails_that_slide_with_advice(data_dir, tmp_path):
     ([], "no slides"),
     ([("a", "missing.svs", "x")], "row 2"),
 ])
-def test_bad_manifest_rejected_before_any_work(tmp_path, rows, expect, data_dir):
+def test_bad_manifest_rejected_before_any_work(tmp_path, rows, expect):
     manifest = _manifest(tmp_path, rows)
     out = tmp_path / "atlas.h5"
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(out))
@@ -111,16 +131,15 @@ def test_bad_manifest_rejected_before_any_work(tmp_path, rows, expect, data_dir)
     assert not out.exists() and not out.with_name("atlas.h5.parts").exists()
 
 
-def test_duplicate_ids_name_both_rows(tmp_path, data_dir):
-    p = str(data_dir / "slides" / "CMU-1-Small-Region.svs")
-    manifest = _manifest(tmp_path, [("a", p, "x"), ("b", p, "x"), ("a", p, "y")])
+def test_duplicate_ids_name_both_rows(tmp_path, slide):
+    manifest = _manifest(tmp_path, [("a", str(slide), "x"), ("b", str(slide), "x"), ("a", str(slide), "y")])
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--out", str(tmp_path / "o.h5"))
     assert proc.returncode == 2
     assert "rows 2 and 4" in proc.stderr and "duplicate" in proc.stderr
 
 
-def test_wrong_layer_fails_before_reading_slides_with_suggestions(tmp_path, data_dir):
-    manifest = _manifest(tmp_path, [("cmu", str(data_dir / "slides" / "CMU-1-Small-Region.svs"), "x")])
+def test_wrong_layer_fails_before_reading_slides_with_suggestions(tmp_path, slide):
+    manifest = _manifest(tmp_path, [("gen", str(slide), "x")])
     proc = run_cli("run", "--cohort", str(manifest), "--model", "capricorn-crc", "--layer", "features.norm6",
                    "--out", str(tmp_path / "o.h5"))
     assert proc.returncode == 2
