@@ -26,11 +26,8 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +36,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from browser_harness import CHROMIUM, chromium, dashboard_server, idle  # noqa: E402  (the tests' harness)
 from precompute.store import Atlas, AtlasWriter  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 GRID = (25, 20)    # tiles per synthetic slide along x, y (500 tiles)
 MOSAIC_PX = 16     # thumbnail px per tile in the synthetic slide thumbnails
 CELLS = 7          # cluster-map cells per tile side (capricorn-crc: 7 x 7 cells of 32 px)
@@ -138,12 +135,6 @@ def build(source: Path, out: Path, n_tiles: int, n_slides: int, seed: int = 0) -
 
 
 # -- measuring in the browser ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -152,13 +143,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _idle(page, timeout: float = 60_000) -> None:
-    """Wait until the script is not running and every image and chart has been drawn."""
-    page.wait_for_function(
-        "() => { const a = document.querySelector('[data-testid=stApp]');"
-        " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
-        " && [...document.images].every(i => i.complete)"
-        " && !document.querySelector('[data-testid=stSkeleton], [data-testid=stSkeletonElement]'); }",
-        timeout=timeout)
+    """Wait until the script is not running and every image has loaded, then two animation frames
+    (the charts are drawn)."""
+    idle(page, timeout)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
@@ -174,49 +161,30 @@ def _timed(page, action, done_selector: str) -> float:
 
 
 def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
-    from playwright.sync_api import sync_playwright
-
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-                             "--server.port", str(port), "--", "--atlas", str(atlas)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with dashboard_server(atlas) as srv, chromium() as browser:
+        url = srv["url"]
         res: dict = {"interactions": {}}
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            context = browser.new_context(viewport={"width": 1920, "height": 1080})  # one HTTP cache
-            for label in ("first_render_cold_s", "first_render_warm_s"):
-                # cold: server reads the atlas, browser fetches Streamlit's scripts; warm: both cached
-                page = context.new_page()
-                t0 = time.perf_counter()
-                page.goto(url + "/?page=overview" + (f"&points={points}" if points else ""))
-                page.wait_for_selector(SCATTER, timeout=120_000)
-                _idle(page, 120_000)
-                res[label] = time.perf_counter() - t0
-                if label.endswith("cold_s"):
-                    page.close()
-            res["first_render_other_pages_s"] = _page_loads(context, url)
-            for name, (action, done) in _interactions(page).items():
-                try:
-                    times = [_timed(page, action, done) for _ in range(repeats if name.startswith("brush") else 1)]
-                except Exception:
-                    page.screenshot(path=str(ROOT / "bench" / "out" / f"dashboard-failed-{name}.png"))
-                    raise
-                res["interactions"][name] = round(min(times), 3)
-            browser.close()
-        res["server_peak_rss_mb"] = round(_peak_rss_mb(proc.pid), 1)
+        context = browser.new_context(viewport={"width": 1920, "height": 1080})  # one HTTP cache
+        for label in ("first_render_cold_s", "first_render_warm_s"):
+            # cold: server reads the atlas, browser fetches Streamlit's scripts; warm: both cached
+            page = context.new_page()
+            t0 = time.perf_counter()
+            page.goto(url + "/?page=overview" + (f"&points={points}" if points else ""))
+            page.wait_for_selector(SCATTER, timeout=120_000)
+            _idle(page, 120_000)
+            res[label] = time.perf_counter() - t0
+            if label.endswith("cold_s"):
+                page.close()
+        res["first_render_other_pages_s"] = _page_loads(context, url)
+        for name, (action, done) in _interactions(page).items():
+            try:
+                times = [_timed(page, action, done) for _ in range(repeats if name.startswith("brush") else 1)]
+            except Exception:
+                page.screenshot(path=str(ROOT / "bench" / "out" / f"dashboard-failed-{name}.png"))
+                raise
+            res["interactions"][name] = round(min(times), 3)
+        res["server_peak_rss_mb"] = round(_peak_rss_mb(srv["pid"]), 1)
         return res
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 PAGES = {"cluster": "text=Concept drill-down", "slides": "text=Soft map of every concept, and the model output",
@@ -350,7 +318,7 @@ def main() -> None:
         if not args.source.exists():
             sys.exit(f"{args.source} not found: build a small atlas first (see docs/dashboard.md) or pass --source")
         build(args.source, out, args.tiles, args.slides)
-    if not Path(CHROMIUM).exists():
+    if not CHROMIUM.exists():
         sys.exit(f"{CHROMIUM} not found (apt-get install chromium)")
     res = measure(out, args.repeats, args.points)
     res["points"] = args.points or "app default (10,000)"

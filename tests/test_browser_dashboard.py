@@ -7,84 +7,38 @@ Skips (with the reason) when /usr/bin/chromium or the playwright package is miss
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from dashboard_fixtures import REPO, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
+from browser_harness import ARTIFACTS, chromium, dashboard_server, expect, missing_browser
+from browser_harness import idle as harness_idle
+from dashboard_fixtures import dash_atlas  # noqa: F401  (dash_atlas is a fixture)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-ARTIFACTS = REPO / "test-artifacts"
 TIMEOUT_MS = 60_000
-
-
-def _require_browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's Chromium (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright is not installed: pip install -r requirements-test.txt")
-
-
-def expect(target):
-    """playwright's expect (imported late: the module must import where playwright is missing)."""
-    from playwright.sync_api import expect as _expect
-    return _expect(target)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(dash_atlas):
     """`streamlit run dashboard/app.py -- --atlas ATLAS` as documented; yields its URL."""
-    _require_browser()
-    port = _free_port()
-    log = ARTIFACTS / "streamlit-server.log"
+    why = missing_browser()
+    if why:
+        pytest.skip(why)
     ARTIFACTS.mkdir(exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
-             "--", "--atlas", str(dash_atlas)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"streamlit exited: {log.read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield {"url": url, "port": port}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        with dashboard_server(dash_atlas, log=ARTIFACTS / "streamlit-server.log") as srv:
+            yield srv
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
@@ -102,12 +56,7 @@ def page(browser, request):
 
 def idle(pg) -> None:
     """Wait until the script has finished and nothing is still loading."""
-    pg.wait_for_function(
-        "() => { const a = document.querySelector('[data-testid=stApp]');"
-        " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
-        " && [...document.images].every(i => i.complete)"
-        " && !document.querySelector('[data-testid=stSkeleton], [data-testid=stSkeletonElement]'); }",
-        timeout=TIMEOUT_MS)
+    harness_idle(pg, TIMEOUT_MS)
 
 
 def check(pg, shot: str) -> None:
@@ -210,8 +159,8 @@ def test_open_a_slide_and_click_a_tile(page, server):
     before = param(page, "tile")
     tile = page.locator('[data-testid="stVegaLiteChart"]').first.locator('path[aria-label*="concept: C"]').nth(20)
     tile.click()
-    page.wait_for_function(f"() => !location.search.includes('tile={before[0] if before else ''}&')"
-                           f" && location.search.includes('tile=')", timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => {{ const t = new URLSearchParams(location.search).get('tile');"
+                           f" return t !== null && t !== {(before[0] if before else '')!r}; }}", timeout=TIMEOUT_MS)
     idle(page)
     assert param(page, "tile") != before
     assert page.get_by_text("Top outputs:").is_visible()

@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tiny_atlas import REPO, TESTS, tiny_atlas  # noqa: F401  (tiny_atlas is a fixture)
+from browser_harness import ARTIFACTS, chromium, dashboard_server, missing_browser
+from browser_harness import idle as harness_idle
+from tiny_atlas import tiny_atlas  # noqa: F401  (tiny_atlas is a fixture)
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-ARTIFACTS = REPO / "test-artifacts"
 TIMEOUT_MS = 120_000  # the first page load reads the atlas and imports scikit-learn; slow on a busy 2-core host
 NAME = "tumour epithelium"
 
@@ -36,52 +28,26 @@ def sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def served(tiny_atlas, tmp_path_factory):
     """`streamlit run dashboard/app.py -- --atlas A --notes A.notes.json` on a copy of the tiny atlas."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's Chromium (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -r "
-                        "requirements-test.txt")
+    why = missing_browser()
+    if why:
+        pytest.skip(why)
     folder = tmp_path_factory.mktemp("minutes-browser")
     atlas = folder / "atlas.h5"
     shutil.copyfile(tiny_atlas, atlas)
     notes = folder / "atlas.h5.notes.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / "streamlit-minutes-server.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port), "--",
-             "--atlas", str(atlas), "--notes", str(notes)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "streamlit exited; see test-artifacts/streamlit-minutes-server.log"
-                time.sleep(0.5)
-        yield {"url": url, "atlas": atlas, "notes": notes, "sha": sha(atlas), "folder": folder}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with dashboard_server(atlas, "--notes", str(notes), log=ARTIFACTS / "streamlit-minutes-server.log") as srv:
+        yield {**srv, "atlas": atlas, "notes": notes, "sha": sha(atlas), "folder": folder}
 
 
 @pytest.fixture(scope="module")
 def browser(served):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def idle(pg) -> None:
-    pg.wait_for_function(
-        "() => { const a = document.querySelector('[data-testid=stApp]');"
-        " return a && a.getAttribute('data-test-script-state') === 'notRunning'"
-        " && [...document.images].every(i => i.complete); }", timeout=TIMEOUT_MS)
+    harness_idle(pg, TIMEOUT_MS)
 
 
 def clean(pg, errors: list[str]) -> None:

@@ -73,8 +73,9 @@ def screen_to_l0(pg, view: vp.View, u: float, v: float) -> tuple[float, float]:
 
 
 def wait_view_change(pg, old: str) -> None:
-    pg.wait_for_function(f"() => {{ const m = location.search.match(/view=([^&]*)/); return m && m[1] !== {old!r}; }}",
-                         timeout=TIMEOUT_MS)
+    # URLSearchParams decodes the value (the address bar holds 1110%2C1484%2C5.044 for 1110,1484,5.044)
+    pg.wait_for_function(f"() => {{ const v = new URLSearchParams(location.search).get('view');"
+                         f" return v !== null && v !== {old!r}; }}", timeout=TIMEOUT_MS)
     idle(pg)
 
 
@@ -220,8 +221,8 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
               b["y"] + b["height"] <= plot["y"] + plot["height"] - 80]
     target = next(b for b in inside if abs(b["x"] - outline_box(page)["x"]) > b["width"])
     page.mouse.click(target["x"] + target["width"] / 2, target["y"] + target["height"] / 2)
-    page.wait_for_function(f"() => !location.search.includes('tile={want_tile}&') && "
-                           f"!location.search.endsWith('tile={want_tile}')", timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => {{ const t = new URLSearchParams(location.search).get('tile');"
+                           f" return t !== null && t !== '{want_tile}'; }}", timeout=TIMEOUT_MS)
     idle(page)
     clicked = int(param(page, "tile")[0])
     assert clicked != want_tile
@@ -236,7 +237,8 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
     page.keyboard.type(label)  # the list filters as one types; Enter picks the first match
     page.get_by_role("option").filter(has_text=label).first.wait_for(timeout=TIMEOUT_MS)
     page.keyboard.press("Enter")
-    page.wait_for_function(f"() => location.search.includes('tile={other}')", timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('tile') === '{other}'",
+                           timeout=TIMEOUT_MS)
     idle(page)
     assert_outlined(page, atlas, other)
     check(page, "outline-after-list-pick")
