@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .tissue import _area_fraction
+from .coverage import area_fraction
 
 GLASS_BELOW = 0.10  # a cell with less tissue than this is glass: it gets no concept
 EDGE_BELOW = 0.50   # a cell with GLASS_BELOW <= tissue < EDGE_BELOW is a tissue edge
@@ -29,7 +29,7 @@ def cell_tissue_fraction(mask: np.ndarray, mask_downsample: float, cell_l0: floa
     side = cell_l0 / mask_downsample                       # cell side in mask px
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     u0, v0 = (c * side).ravel(), (r * side).ravel()
-    frac = _area_fraction(np.asarray(mask, np.float64), u0, v0, u0 + side, v0 + side)
+    frac = area_fraction(np.asarray(mask, np.float64), u0, v0, u0 + side, v0 + side)
     return frac.reshape(rows, cols).astype(np.float32)
 
 

@@ -31,6 +31,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk, remove_small_holes, remove_small_objects
 
+from .coverage import area_fraction
 from .slides import Slide
 
 SATURATION_RANGE = (0.05, 0.10)  # clip for the Otsu threshold of saturation (see module docstring)
@@ -126,7 +127,7 @@ def plan_tiles(slide: Slide, mpp: float | None, *, target_mpp: float = 0.5, tile
     gi, gj = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # row-major = file order
     gi, gj = gi.ravel(), gj.ravel()
     x0, y0 = gj * stride_l0, gi * stride_l0
-    frac = _area_fraction(mask, x0 / sx, y0 / sy, (x0 + tile_l0) / sx, (y0 + tile_l0) / sy)
+    frac = area_fraction(mask, x0 / sx, y0 / sy, (x0 + tile_l0) / sx, (y0 + tile_l0) / sy)
     keep = frac >= min_tissue
     coords = np.stack([np.round(x0[keep]), np.round(y0[keep])], axis=1).astype(np.int64).reshape(-1, 2)
     return TileGrid(
@@ -139,27 +140,6 @@ def plan_tiles(slide: Slide, mpp: float | None, *, target_mpp: float = 0.5, tile
         grid_index=np.stack([gi[keep], gj[keep]], axis=1).astype(np.int32).reshape(-1, 2),
         mask=mask, mask_downsample=float((sx + sy) / 2),
     )
-
-
-def _area_fraction(mask: np.ndarray, u0, v0, u1, v1) -> np.ndarray:
-    """Mean of `mask` over rectangles [u0, u1) x [v0, v1) given in (fractional) mask px.
-
-    The summed-area table of a pixel image is bilinear inside each pixel, so bilinear interpolation
-    of it at fractional corners gives the exact covered area, partial pixels included.
-    """
-    if len(u0) == 0:
-        return np.zeros(0, np.float64)
-    h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.float64)
-    sat[1:, 1:] = mask.cumsum(0).cumsum(1)
-    u0, u1 = np.clip(u0, 0, w), np.clip(u1, 0, w)
-    v0, v1 = np.clip(v0, 0, h), np.clip(v1, 0, h)
-
-    def at(v, u):
-        return ndimage.map_coordinates(sat, [v, u], order=1, mode="nearest")
-
-    area = at(v1, u1) - at(v0, u1) - at(v1, u0) + at(v0, u0)
-    return np.clip(area / np.maximum((u1 - u0) * (v1 - v0), 1e-12), 0.0, 1.0)
 
 
 def read_tile(slide: Slide, grid: TileGrid, i: int) -> np.ndarray:
