@@ -118,7 +118,8 @@ NEITHER = "torch,sklearn.decomposition"
     (NEITHER, ["precompute.store"]),
     (NEITHER, ["precompute.report"]),
     (NEITHER, ["precompute.meeting_report", "precompute.geojson_export", "precompute.atlas_summary"]),
-    (NEITHER, ["dashboard.data", "dashboard.fidelity", "dashboard.naming", "dashboard.views.overview",
+    # the dashboard's cold start: no scikit-learn, scipy or scikit-image at all (each costs seconds to import)
+    (NEITHER + ",sklearn,scipy,skimage", ["dashboard.data", "dashboard.fidelity", "dashboard.naming", "dashboard.views.overview",
                "dashboard.views.cluster", "dashboard.views.slide", "dashboard.views.enrichment",
                "dashboard.views.fidelity"]),
     ("torch", ["precompute.assemble", "precompute.concepts", "precompute.targets", "precompute.correlation"]),
