@@ -20,8 +20,9 @@ from dashboard.guard import atlas_guard, show
 from dashboard.data import AtlasFormatError, load
 from dashboard.views import cluster, enrichment, fidelity, overview, slide
 
-VIEWS = {"overview": overview, "cluster": cluster, "slides": slide, "enrichment": enrichment,
-         "fidelity": fidelity}
+# The one page registry: URL name -> (title in the sidebar, module with render(data, diagnoses)).
+VIEWS = {"overview": ("Overview", overview), "cluster": ("Cluster", cluster), "slides": ("Slides", slide),
+         "enrichment": ("Diagnosis enrichment", enrichment), "fidelity": ("Fidelity", fidelity)}
 
 CSS = """<style>
 [data-testid="stCaptionContainer"], [data-testid="stImageCaption"] {font-size: 0.95rem;}
@@ -61,8 +62,8 @@ def main() -> None:
 
     with st.sidebar:
         st.title("Lumen")
-        page = state.bound(st.radio, "View", "page", default="overview", options=list(state.PAGES),
-                           format_func=state.PAGES.get)
+        page = state.bound(st.radio, "View", "page", default="overview", options=list(VIEWS),
+                           format_func=lambda name: VIEWS[name][0])
         diagnoses = state.bound(st.multiselect, "Diagnosis filter (all views)", "dx", default=[],
                                 options=data.diagnoses, multi=True, placeholder="All diagnoses",
                                 help="Only slides with these diagnoses count in every view. Empty = all.")
@@ -74,7 +75,7 @@ def main() -> None:
     st.session_state["_charts_drawn"] = 0  # numbers the charts' PNG buttons in page order (stable keys)
     st.session_state["_page_name"] = page
     with atlas_guard():  # a damaged part of the atlas gets Lumen's message, not a Streamlit error box
-        VIEWS[page].render(data, diagnoses)
+        VIEWS[page][1].render(data, diagnoses)
 
 
 if __name__ == "__main__":  # `streamlit run` (and AppTest) run the script as __main__

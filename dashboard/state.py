@@ -17,8 +17,6 @@ from typing import Any, Callable
 
 import streamlit as st
 
-PAGES = {"overview": "Overview", "cluster": "Cluster", "slides": "Slides", "enrichment": "Diagnosis enrichment",
-         "fidelity": "Fidelity"}
 _PREFIX = "url_"
 
 
