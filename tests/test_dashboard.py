@@ -388,11 +388,23 @@ def test_concept_colours_are_fixed():
     assert len(set(concept_colors(20))) == 20
 
 
-def test_contact_sheet_is_a_png(atlas_info, dash_atlas):
+def test_contact_sheet_shows_each_thumbnail_in_its_cell(atlas_info, dash_atlas):
+    import io
+
+    from PIL import Image
+
     from dashboard.ui import contact_sheet
     with Atlas(dash_atlas) as a:
-        png = contact_sheet(a.thumbnails([0, 1, 2]), ["a", "b", "c"], cols=2)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        thumbs = a.thumbnails([0, 1, 2])
+    sheet = np.asarray(Image.open(io.BytesIO(contact_sheet(thumbs, ["a", "b", "c"], cols=2, cell=160))).convert("RGB"))
+    assert sheet.shape == (2 * (160 + 16), 2 * 160, 3)  # 3 images in 2 columns: 2 rows of cell + caption
+    for i, jpg in enumerate(thumbs):
+        im = Image.open(io.BytesIO(jpg)).convert("RGB")
+        im.thumbnail((156, 156))
+        x, y = (i % 2) * 160 + 2, (i // 2) * 176 + 2
+        got = sheet[y:y + im.height, x:x + im.width].astype(int)
+        assert np.abs(got - np.asarray(im, int)).mean() < 3, i  # the thumbnail itself, at its place
+    assert (sheet[176 + 2:176 + 150, 160 + 2:320 - 2] == 255).all()  # the fourth cell is empty
 
 
 def test_every_page_has_downloads(dash_atlas, monkeypatch):
