@@ -1,7 +1,8 @@
 """Reading side of the activation pass: DataLoader workers that turn slides into uint8 tile batches.
 
 Each worker takes whole slides (slide i goes to worker i mod n), keeps one open slide handle at a
-time, plans the tissue tiles itself and reads them in grid (file) order. Everything it yields is
+time, takes the slide's tile plan (tile_plan.py: loaded, or made and kept on first use) and reads the
+tiles in grid (file) order. Everything it yields is
 small and picklable; failures are yielded as messages so one corrupt slide never stops the run.
 """
 
@@ -22,6 +23,7 @@ from .sampling import sample_rows
 from .slides import open_slide
 from .tile_plan import slide_plan
 from .tissue import read_tile
+
 
 @dataclass
 class SlideJob:
