@@ -138,3 +138,18 @@ def test_fingerprint_names_the_atlas():
     assert len(fingerprint(a)) == 8
     assert fingerprint({**a, "created_utc": "2026-01-02T00:00:00"}) != fingerprint(a)
     assert fingerprint({**a, "config": {"k": 8}}) != fingerprint(a)
+
+
+def test_blend_is_the_alpha_formula():
+    """overlay.blend: base under rgba at an opacity, rounded as out = (base(255-a) + c a + 127) // 255
+    with a = alpha x opacity (the formula computed here in numpy, the code composites with Pillow)."""
+    from dashboard.overlay import blend
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255
+    for opacity in (0.0, 0.3, 0.55, 1.0):
+        a = (rgba[..., 3:4].astype(np.uint32) * round(opacity * 256)) // 256
+        want = ((base.astype(np.uint32) * (255 - a) + rgba[..., :3].astype(np.uint32) * a + 127) // 255)
+        np.testing.assert_array_equal(blend(base, rgba, opacity), want.astype(np.uint8))
