@@ -155,23 +155,12 @@ def report_dict(path: str | Path) -> dict[str, Any]:
     notes: list[str] = []
     if fid:
         source = "atlas"
-        index, name = int(fid.get("output_index", 0)), str(fid.get("output_name", ""))
-        target = str(fid.get("target") or "logit")  # atlases written before targets existed explained the logit
+        index, name, target, coef, reg = _stored(fid, groups, n_tiles)
         grouping = str(fid.get("groups") or grouping)
-        coef = np.asarray(fid["coef"], dtype=np.float64)
-        n_groups = fid.get("n_groups", len(np.unique(groups)))
-        reg = {"r2": _num(fid.get("r2")), "r2_cv": _num(fid.get("r2_cv")), "n_folds": _num(fid.get("n_folds")),
-               "n_groups": _num(n_groups), "n_tiles": _num(fid.get("n_tiles", n_tiles)),
-               "intercept": _num(fid.get("intercept")), "note": str(fid.get("cv_note", fid.get("note", "")) or ""),
-               **{key: _num(fid.get(key)) for key in CV_KEYS}}
-        if fid.get("r2_cv_repeats") is not None:
-            reg["n_repeats"] = int(np.asarray(fid["r2_cv_repeats"]).size)
         threshold = _num(fid.get("threshold"))
         gradcam = bool(fid.get("has_gradcam", False)) and all(key in fid for key in CAM_KEYS)
-        agreement = fid.get("agreement") or {}
-        importance = fid.get("importance") or {}
-        k_grid = fid.get("k_grid") or {}
-        k_grid_info = fid.get("k_grid_attrs") or {}
+        agreement, importance = fid.get("agreement") or {}, fid.get("importance") or {}
+        k_grid, k_grid_info = fid.get("k_grid") or {}, fid.get("k_grid_attrs") or {}
     else:
         source = "computed"
         index, name, target, coef, reg = computed
@@ -182,29 +171,49 @@ def report_dict(path: str | Path) -> dict[str, Any]:
         notes.append("GradCAM was not computed for this atlas (run with --gradcam to compute it).")
     if not k_grid:
         notes.append("no K grid stored in this atlas.")
-
-    dominant = np.asarray(t["nmf_cluster"])
-    sd = weights.std(axis=0)
+    dominant, sd = np.asarray(t["nmf_cluster"]), weights.std(axis=0)
     clusters = [_cluster_row(c, coef, float(sd[c]), dominant, fid if gradcam else {}, agreement, importance)
                 for c in range(k)]
-    grid_rows = []
-    if k_grid and "ks" in k_grid:
-        for i, kk in enumerate(np.asarray(k_grid["ks"])):
-            grid_rows.append({"k": int(kk), **{key: _num(np.asarray(k_grid[key])[i]) if key in k_grid else None
-                                               for key in GRID_KEYS}})
     return {
         "file": str(path), "n_tiles": int(n_tiles), "n_slides": int(n_slides), "k": int(k), "source": source,
         "notes": notes, "output": {"index": index, "name": name}, "target": target,
         "target_text": describe(target, name), "threshold": threshold, "grouping": grouping,
         "gradcam": gradcam, "regression": reg,
         "agreement": {key: _num(agreement[key]) if key != "unit" else str(agreement[key])
-                      for key in AGREE_ATTRS if key in agreement}, "clusters": clusters, "k_grid": grid_rows,
-        "nmf_relative_error": _num(nmf_err),
-        "importance": ({"deletion": [[_num(v) for v in np.asarray(importance[f"deletion_{m}"])]
-                                     for m in ("mean", "lo", "hi")], "unit": str(importance.get("unit", "")),
-                        "diagnoses": list(importance.get("diagnoses", []))} if importance else {}),
+                      for key in AGREE_ATTRS if key in agreement}, "clusters": clusters, "k_grid": _grid_rows(k_grid),
+        "nmf_relative_error": _num(nmf_err), "importance": _importance_curves(importance),
         "k_grid_info": {key: _num(v) if key != "features" else str(v) for key, v in k_grid_info.items()},
     }
+
+
+def _stored(fid: dict, groups: np.ndarray, n_tiles: int) -> tuple[int, str, str, np.ndarray, dict]:
+    """(index, name, target, coef, regression dict) of the regression the run stored."""
+    index, name = int(fid.get("output_index", 0)), str(fid.get("output_name", ""))
+    target = str(fid.get("target") or "logit")  # atlases written before targets existed explained the logit
+    n_groups = fid.get("n_groups", len(np.unique(groups)))
+    reg = {"r2": _num(fid.get("r2")), "r2_cv": _num(fid.get("r2_cv")), "n_folds": _num(fid.get("n_folds")),
+           "n_groups": _num(n_groups), "n_tiles": _num(fid.get("n_tiles", n_tiles)),
+           "intercept": _num(fid.get("intercept")), "note": str(fid.get("cv_note", fid.get("note", "")) or ""),
+           **{key: _num(fid.get(key)) for key in CV_KEYS}}
+    if fid.get("r2_cv_repeats") is not None:
+        reg["n_repeats"] = int(np.asarray(fid["r2_cv_repeats"]).size)
+    return index, name, target, np.asarray(fid["coef"], dtype=np.float64), reg
+
+
+def _grid_rows(k_grid: dict) -> list[dict[str, Any]]:
+    """One dict per K of the stored K grid ([] when absent)."""
+    if not k_grid or "ks" not in k_grid:
+        return []
+    return [{"k": int(kk), **{key: _num(np.asarray(k_grid[key])[i]) if key in k_grid else None for key in GRID_KEYS}}
+            for i, kk in enumerate(np.asarray(k_grid["ks"]))]
+
+
+def _importance_curves(importance: dict) -> dict[str, Any]:
+    """The deletion curves (mean, lo, hi), unit and diagnoses of --importance ({} when absent)."""
+    if not importance:
+        return {}
+    return {"deletion": [[_num(v) for v in np.asarray(importance[f"deletion_{m}"])] for m in ("mean", "lo", "hi")],
+            "unit": str(importance.get("unit", "")), "diagnoses": list(importance.get("diagnoses", []))}
 
 
 def _f(value: Any, spec: str = ".3f") -> str:
