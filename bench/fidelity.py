@@ -83,8 +83,8 @@ def figures(path: Path) -> dict:
     top = max(rep["clusters"], key=lambda c: c["coef"] or 0)
     diag = np.asarray(slides["diagnosis"])[t["slide"]]
     return {"rep": rep, "cam_any": cam_any, "best": best, "top": top, "glass": glass, "coloured": coloured,
-            "ari_nmf": adjusted_rand_score(diag, t["nmf_cluster"]),
-            "ari_kmeans": adjusted_rand_score(diag, t["kmeans_cluster"])}
+            "ari_nmf": adjusted_rand_score(diag, t["nmf_cluster"]) if len(set(diag)) > 1 else None,
+            "ari_kmeans": adjusted_rand_score(diag, t["kmeans_cluster"]) if len(set(diag)) > 1 else None}
 
 
 def _r(c: dict, key: str) -> str:
@@ -98,11 +98,13 @@ def row(name: str, layer: str, k: int, f: dict) -> str:
     grid = next((g for g in rep["k_grid"] if g["k"] == k), {})
     g = lambda key: "n/a" if grid.get(key) is None else f"{grid[key]:.3f}"  # noqa: E731
     n = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731 (one slide: no cross-validation)
+    cv = ("n/a (one slide)" if reg["r2_cv_median"] is None else
+          f"{n(reg['r2_cv_median'])} [{n(reg['r2_cv_p5'])}, {n(reg['r2_cv_p95'])}]")
+    ari = "n/a (one label)" if f["ari_nmf"] is None else f"{f['ari_nmf']:.3f} / {f['ari_kmeans']:.3f}"
     return (f"| {name} | {layer} | {k} | {rep['target']} | {rep['n_tiles']} | {f['cam_any']} | "
             f"{a['n_tiles_used']} | C{f['best']['cluster']} {_r(f['best'], 'pooled_r')} | "
             f"C{f['top']['cluster']} {_r(f['top'], 'pooled_r')} | {n(reg['r2'])} | "
-            f"{n(reg['r2_cv_median'])} [{n(reg['r2_cv_p5'])}, {n(reg['r2_cv_p95'])}] | "
-            f"{g('nmf_r2_cv')} / {g('kmeans_r2_cv')} | {f['ari_nmf']:.3f} / {f['ari_kmeans']:.3f} |")
+            f"{cv} | {g('nmf_r2_cv')} / {g('kmeans_r2_cv')} | {ari} |")
 
 
 HEADER = ("| data | layer | K | target | tiles | CAM > 0 (tiles) | per-tile r used | best pooled r [95 %] | "
