@@ -9,7 +9,6 @@ the 8 x 8 cells, then Linear(8 -> 3), classes ("ADI", "STR", "TUM"): a softmax h
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from generated import write_manifest
 from precompute.models import ModelSpec
 
 TILE_PX = 64
@@ -75,12 +75,7 @@ def make_cohort(folder: Path, n_slides: int = 8, side: int = 128, seed: int = 3)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
         rows.append({"slide_id": f"s{i}", "path": path.name, "diagnosis": "tumour" if i % 2 else "normal",
                      "patient": f"p{i // 2}"})
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 def tile_pixels(folder: Path, slide_id: str, x: int, y: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import real_data, run_cli
+from conftest import run_cli
 from dashboard_fixtures import dash_atlas  # noqa: F401  (a fixture)
 from generated import write_slide
 from precompute.models import load_model

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
-from PIL import Image
+
+from generated import write_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -43,15 +43,7 @@ def slide_pixels(seed: int) -> np.ndarray:
 
 def write_slide(path: Path, seed: int) -> Path:
     """Pyramidal tiled TIFF (levels 1 and 1/4, 128-px tiles, deflate) with its pixel size."""
-    img = slide_pixels(seed)
-    res = 1e4 / MPP  # px per cm
-    with tifffile.TiffWriter(path) as tif:
-        for factor in (1, 4):
-            level = img if factor == 1 else np.asarray(Image.fromarray(img).reduce(factor))
-            tif.write(level, tile=(128, 128), compression="zlib", photometric="rgb",
-                      resolution=(res / factor, res / factor), resolutionunit="CENTIMETER",
-                      subfiletype=0 if factor == 1 else 1, metadata=None)
-    return path
+    return write_tiff(path, slide_pixels(seed), mpp=MPP)
 
 
 def cli_env() -> dict:
