@@ -21,6 +21,7 @@ Every mistake a user can make raises ModelError with what was wrong, in which fi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import re
