@@ -93,7 +93,7 @@ def write_cohort(folder: Path, n_slides: int = 5, blank: bool = True, broken: bo
 
 def write_review_cohort(folder: Path) -> Path:
     """The 11-slide review cohort of the dashboard tests, generated: 4 benign + 4 malignant images
-    (two patients, four subtypes), 'cmu' (squamous, a larger slide), 'small' (squamous, blank and
+    (two patients, four subtypes), 'cmu' (squamous, a larger slide of 30 tiles), 'small' (squamous, blank and
     smaller than one tile: ends as "no tissue") and 'broken' (broken.svs, unreadable: ends as "failed")."""
     folder.mkdir(parents=True, exist_ok=True)
     subtypes = {"benign": ("adenosis", "fibroadenoma"), "malignant": ("ductal_carcinoma", "lobular_carcinoma")}
@@ -104,7 +104,7 @@ def write_review_cohort(folder: Path) -> Path:
             path = write_slide(folder / f"{sid}.tiff", seed=10 * d + i, width=448, height=448)
             rows.append({"slide_id": sid, "path": str(path), "diagnosis": diagnosis,
                          "subtype": subtypes[diagnosis][i // 2], "patient": f"{diagnosis}-{i // 2}"})
-    cmu = write_slide(folder / "cmu.tiff", seed=7, width=1120, height=896, blobs=14)  # ~75 % tissue, as a section
+    cmu = write_slide(folder / "cmu.tiff", seed=7, width=1344, height=1120, blobs=14)  # 6 x 5 tiles, ~75 % tissue
     small = write_slide(folder / "small.tiff", seed=8, width=96, height=96, tissue=False, factors=(1,))
     for sid, path in (("cmu", cmu), ("small", small), ("broken", write_broken(folder / "broken.svs"))):
         rows.append({"slide_id": sid, "path": str(path), "diagnosis": "squamous", "subtype": "epithelium",
