@@ -331,6 +331,8 @@ def report(
         d = report_dict(atlas)
     except AtlasFormatError as exc:
         _fail(str(exc))
+    except ValueError as exc:  # e.g. no stored results and no default output to explain
+        _fail(f"{atlas}: {exc}")
     typer.echo(json.dumps(d, indent=2, default=_json_default) if as_json else format_report(d))
 
 
