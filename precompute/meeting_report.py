@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from dashboard import overlay
 from dashboard.colors import concept_color
-from dashboard.enrichment import by_diagnosis, enrichment_table, slide_shares
+from dashboard.enrichment import by_diagnosis, enrichment_table
 
 from . import notes as notes_mod
 from .atomic import atomic_path
