@@ -239,10 +239,11 @@ def _interactions(page) -> dict:
         return lambda: page.locator('[data-testid="stSidebar"]').get_by_text(name, exact=True).click()
 
     def click_tile():
+        # a locator click scrolls the chart into view and retries if a rerun replaced the element meanwhile
         chart = page.locator('[data-testid="stVegaLiteChart"]').first
-        chart.scroll_into_view_if_needed()
+        chart.wait_for(state="visible")
         box = chart.bounding_box()
-        page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45)
+        chart.click(position={"x": box["width"] * 0.55, "y": box["height"] * 0.45})
 
     def button(label: str):
         def act():
