@@ -154,6 +154,8 @@ def test_select_a_cluster(page, server):
 def test_open_a_slide_and_click_a_tile(page, server):
     open_view(page, server, "?page=slides")
     choose(page, "Slide", "cmu — squamous")
+    page.wait_for_url(re.compile(r"[?&]slide=cmu(&|$)"), timeout=TIMEOUT_MS)  # the pick's rerun wrote it
+    idle(page)
     assert param(page, "slide") == ["cmu"]
     check(page, "slide-cmu")
     before = param(page, "tile")
