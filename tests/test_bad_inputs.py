@@ -722,8 +722,11 @@ def test_ctrl_c_exits_130_and_releases_the_lock(kit, tmp_path):
     out_file = tmp_path / "a.h5"
     args = ("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, *FAST)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(kit)])}
+    # As from a terminal: Ctrl-C handled by default. A child inherits an ignored SIGINT (some earlier
+    # test or the test runner's own parent may ignore it), and Python then installs no handler.
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = out_file.with_name("a.h5.lock")
     try:
         assert _wait_for(lock.exists, 300), "the run never took its lock"
