@@ -28,7 +28,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 
-from .regression import output_regression, repeated_group_cv
+from .regression import output_regression, regress
 
 from .sampling import sample_rows
 
@@ -156,7 +156,8 @@ def _per_tile_sum(values: np.ndarray, tile: np.ndarray, n_tiles: int) -> np.ndar
 
 def _fit_r2(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[float, dict]:
     """In-sample R^2 of a linear fit and the repeated grouped CV summary."""
-    return output_regression(X, y, groups, seed=seed)["r2"], repeated_group_cv(X, y, groups, seed=seed)
+    reg, rep = regress(X, y, groups, seed=seed)
+    return reg["r2"], rep
 
 
 GRID_FEATURES = ("nmf", "kmeans", "kmeans_dist")

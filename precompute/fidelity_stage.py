@@ -21,7 +21,7 @@ from .parts import load_part
 from .config import RunConfig
 from .correlation import summarise_cam_correlation
 from .fidelity import k_grid_cells
-from .regression import output_regression, repeated_group_cv
+from .regression import regress
 from .regression import tile_groups as group_codes
 from .nmf import TorchNMF
 from .store import AtlasWriter
@@ -49,8 +49,7 @@ def write_fidelity(w: AtlasWriter, cfg: RunConfig, concepts: Concepts, calib_par
     target = cfg.target or default_target(cfg.output_activation, outputs.shape[1])
     y = target_values(outputs, output_index, target, cfg.output_activation)
     groups, group_kind = tile_groups(w)
-    reg = output_regression(weights, y, groups, seed=cfg.seed)
-    rep = repeated_group_cv(weights, y, groups, seed=cfg.seed)
+    reg, rep = regress(weights, y, groups, seed=cfg.seed)
     arrays = {"coef": np.asarray(reg["coef"], np.float64), "intercept": np.atleast_1d(reg["intercept"]),
               "r2": np.atleast_1d(reg["r2"]), "r2_cv": np.atleast_1d(reg["r2_cv"]),
               **{key: np.atleast_1d(rep[key]) for key in ("r2_cv_repeats", "r2_cv_median", "r2_cv_p5", "r2_cv_p95")}}

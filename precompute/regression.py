@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CV_REPEATS", "r2_score", "group_folds", "output_regression", "repeated_group_cv", "tile_groups"]
+__all__ = ["CV_REPEATS", "r2_score", "group_folds", "output_regression", "repeated_group_cv", "regress", "tile_groups"]
 
 CV_REPEATS = 20  # shuffles of the group-to-fold assignment in repeated_group_cv
 
@@ -120,6 +120,59 @@ def _cv_r2(stats: np.ndarray, fold_of_group: np.ndarray, n_folds: int, ss_tot: f
     return float("nan") if ss_tot == 0.0 else 1.0 - sse / ss_tot
 
 
+class _Grouped:
+    """weights, target and groups prepared once: group codes and per-group sufficient statistics."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray):
+        self.X, self.y = X, y
+        _, codes = np.unique(groups, return_inverse=True)
+        self.codes = codes.reshape(-1)
+        self.n_groups = int(self.codes.max()) + 1 if len(self.codes) else 0
+        _, self.stats = _group_stats(X, y, self.codes, self.n_groups)
+        total = self.stats.sum(axis=0)
+        self.ss_tot = float(total[-1, -1] - total[0, -1] ** 2 / max(len(y), 1))
+
+
+def _single_split(g: _Grouped, n_splits: int, seed: int) -> dict:
+    X, y, n = g.X, g.y, g.X.shape[0]
+    beta = _fit(g.stats.sum(axis=0))
+    beta[0] += y.mean() - X.mean(axis=0) @ beta[1:]  # back from centred to the original units
+    notes = []
+    r2 = r2_score(y, beta[0] + X @ beta[1:])
+    if np.isnan(r2):
+        notes.append("the output is the same on every tile, so R^2 is undefined")
+    fold = np.full(n, -1, dtype=np.int64)
+    r2_cv, n_folds = float("nan"), 0
+    if g.n_groups < 2:
+        notes.append(f"cross-validation needs tiles from at least 2 groups (slides or patients); "
+                     f"all {n} tiles come from one")
+    else:
+        n_folds = min(int(n_splits), g.n_groups)
+        # Relabel groups in a seeded order first: the balancing sorts groups stably by size, so this
+        # only decides which of two equally large groups goes to which fold.
+        relabel = np.random.default_rng(seed).permutation(g.n_groups)
+        fold_of_group = group_folds(relabel[g.codes], g.n_groups, n_folds)[relabel]
+        fold = fold_of_group[g.codes]
+        r2_cv = _cv_r2(g.stats, fold_of_group, n_folds, g.ss_tot)
+    return {"coef": beta[1:].copy(), "intercept": float(beta[0]), "r2": r2, "r2_cv": r2_cv, "n_folds": n_folds,
+            "n_groups": g.n_groups, "n_tiles": n, "fold": fold, "note": "; ".join(notes)}
+
+
+def _repeated(g: _Grouped, n_repeats: int, n_splits: int, seed: int) -> dict:
+    r2s = np.full(int(n_repeats), np.nan)
+    if g.n_groups >= 2:
+        n_folds = min(int(n_splits), g.n_groups)
+        rng = np.random.default_rng(seed)
+        for rep in range(int(n_repeats)):
+            fold_of_group = np.empty(g.n_groups, dtype=np.int64)
+            fold_of_group[rng.permutation(g.n_groups)] = np.arange(g.n_groups) % n_folds
+            r2s[rep] = _cv_r2(g.stats, fold_of_group, n_folds, g.ss_tot)
+    ok = r2s[np.isfinite(r2s)]
+    med, p5, p95 = (np.percentile(ok, q) for q in (50, 5, 95)) if len(ok) else (np.nan,) * 3
+    return {"r2_cv_repeats": r2s, "r2_cv_median": float(med), "r2_cv_p5": float(p5), "r2_cv_p95": float(p95),
+            "n_repeats": int(n_repeats)}
+
+
 def output_regression(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_splits: int = 5,
                       seed: int = 0) -> dict:
     """Linear regression (with intercept) of a model output on per-tile concept weights.
@@ -135,36 +188,7 @@ def output_regression(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *,
     Returns coef (K,), intercept, r2 (in-sample), r2_cv, n_folds, n_groups, n_tiles, fold (N,) int
     (each tile's test fold, -1 without CV) and note ("" or why r2 / r2_cv is NaN).
     """
-    X, y, groups = _check(weights, y, groups)
-    n = X.shape[0]
-    _, codes = np.unique(groups, return_inverse=True)
-    codes = codes.reshape(-1)
-    n_groups = int(codes.max()) + 1
-    counts, stats = _group_stats(X, y, codes, n_groups)
-    total = stats.sum(axis=0)
-    ss_tot = float(total[-1, -1] - total[0, -1] ** 2 / n)
-    beta = _fit(total)
-    beta[0] += y.mean() - X.mean(axis=0) @ beta[1:]  # back from centred to the original units
-    notes = []
-    r2 = r2_score(y, beta[0] + X @ beta[1:])
-    if np.isnan(r2):
-        notes.append("the output is the same on every tile, so R^2 is undefined")
-    fold = np.full(n, -1, dtype=np.int64)
-    r2_cv, n_folds = float("nan"), 0
-    if n_groups < 2:
-        notes.append(f"cross-validation needs tiles from at least 2 groups (slides or patients); "
-                     f"all {n} tiles come from one")
-    else:
-        n_folds = min(int(n_splits), n_groups)
-        # Relabel groups in a seeded order first: the balancing sorts groups stably by size, so this
-        # only decides which of two equally large groups goes to which fold.
-        relabel = np.random.default_rng(seed).permutation(n_groups)
-        fold_of_new = group_folds(relabel[codes], n_groups, n_folds)
-        fold_of_group = fold_of_new[relabel]
-        fold = fold_of_group[codes]
-        r2_cv = _cv_r2(stats, fold_of_group, n_folds, ss_tot)
-    return {"coef": beta[1:].copy(), "intercept": float(beta[0]), "r2": r2, "r2_cv": r2_cv, "n_folds": n_folds,
-            "n_groups": n_groups, "n_tiles": n, "fold": fold, "note": "; ".join(notes)}
+    return _single_split(_Grouped(*_check(weights, y, groups)), n_splits, seed)
 
 
 def repeated_group_cv(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, n_repeats: int = CV_REPEATS,
@@ -179,23 +203,11 @@ def repeated_group_cv(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *,
     Returns r2_cv_repeats (n_repeats,) (NaN where undefined), r2_cv_median, r2_cv_p5, r2_cv_p95 (the
     5th and 95th percentiles over repeats) and n_repeats; the summaries are NaN with fewer than 2 groups.
     """
-    X = np.asarray(weights, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    codes = codes.reshape(-1)
-    n_groups = int(codes.max()) + 1 if len(codes) else 0
-    r2s = np.full(int(n_repeats), np.nan)
-    if n_groups >= 2:
-        _, stats = _group_stats(X, y, codes, n_groups)
-        total = stats.sum(axis=0)
-        ss_tot = float(total[-1, -1] - total[0, -1] ** 2 / len(y))
-        n_folds = min(int(n_splits), n_groups)
-        rng = np.random.default_rng(seed)
-        for rep in range(int(n_repeats)):
-            fold_of_group = np.empty(n_groups, dtype=np.int64)
-            fold_of_group[rng.permutation(n_groups)] = np.arange(n_groups) % n_folds
-            r2s[rep] = _cv_r2(stats, fold_of_group, n_folds, ss_tot)
-    ok = r2s[np.isfinite(r2s)]
-    med, p5, p95 = (np.percentile(ok, q) for q in (50, 5, 95)) if len(ok) else (np.nan,) * 3
-    return {"r2_cv_repeats": r2s, "r2_cv_median": float(med), "r2_cv_p5": float(p5), "r2_cv_p95": float(p95),
-            "n_repeats": int(n_repeats)}
+    X, y = np.asarray(weights, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return _repeated(_Grouped(X, y, np.asarray(groups)), n_repeats, n_splits, seed)
+
+
+def regress(weights: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> tuple[dict, dict]:
+    """(output_regression, repeated_group_cv) of the same data, its group statistics computed once."""
+    g = _Grouped(*_check(weights, y, groups))
+    return _single_split(g, 5, seed), _repeated(g, CV_REPEATS, 5, seed)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .explained import DEFAULT_TEXT, default_output
-from .regression import output_regression, repeated_group_cv, tile_groups
+from .regression import regress, tile_groups
 from .store import Atlas
 from .targets import check_target, default_target, describe, target_values
 
@@ -69,8 +69,7 @@ def _computed(atlas: Atlas, weights: np.ndarray, groups: np.ndarray) -> tuple[in
     activation = str(config.get("output_activation", "auto"))
     target = check_target(config.get("target")) or default_target(activation, n_outputs)
     y = _target_chunked(atlas, index, target, activation)
-    res = output_regression(weights, y, groups)
-    rcv = repeated_group_cv(weights, y, groups)
+    res, rcv = regress(weights, y, groups)
     reg = {"r2": _num(res["r2"]), "r2_cv": _num(res["r2_cv"]), "n_folds": res["n_folds"],
            "n_groups": res["n_groups"], "n_tiles": res["n_tiles"], "intercept": _num(res["intercept"]),
            "note": res["note"], **{key: _num(rcv[key]) for key in CV_KEYS}, "n_repeats": rcv["n_repeats"]}
