@@ -14,8 +14,9 @@ Three measurements, after the seed paper's evaluation (docs: DESIGN.md section 2
 
 The per-tile GradCAM correlations are computed in the full pass (correlation.py), the output regression
 in regression.py (numpy); this module fits the K grid with scikit-learn, in the run's fidelity stage
-only. The dashboard never imports it: what it shows is read from the atlas (report.py). A torch NMF
-can be passed to `k_grid` as a callable.
+only, and solves its NNLS weights with the run's own solver (nmf.nnls_converged: nnls_rows in float64,
+to convergence). The dashboard never imports it: what it shows is read from the atlas (report.py). A
+torch NMF can be passed to `k_grid` as a callable.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 
+from .nmf import nnls_converged
 from .regression import output_regression, regress
-
 from .sampling import sample_rows
 
-__all__ = ["k_grid", "k_grid_cells", "nnls_batch"]
+__all__ = ["k_grid", "k_grid_cells"]
 
 _ROWS = 8192  # rows per chunk when streaming calibration cells, so no (n, C) float64 temporary appears
 
@@ -40,33 +41,6 @@ _ROWS = 8192  # rows per chunk when streaming calibration cells, so no (n, C) fl
 # ----------------------------------------------------------------------------------------
 # Choosing K
 # ----------------------------------------------------------------------------------------
-
-def nnls_batch(X: np.ndarray, H: np.ndarray, *, max_iter: int = 500, tol: float = 1e-8) -> np.ndarray:
-    """Non-negative least squares of every row of X against fixed H: argmin_{w >= 0} ||x - w H||.
-
-    X: (N, C); H: (K, C). Returns W (N, K) float64. Exact coordinate descent (one column of W at a
-    time, all rows together) until the largest update is below tol x the largest weight, or
-    max_iter sweeps. Only the (N, K) and (K, K) Gram products are used, so X is read once.
-    """
-    H = np.asarray(H, dtype=np.float64)
-    G = H @ H.T                                              # (K, K)
-    X = np.asarray(X)
-    # X @ H.T in float64 chunk by chunk: accurate products without a float64 copy of all of X.
-    P = np.concatenate([np.asarray(X[i:i + _ROWS], dtype=np.float64) @ H.T for i in range(0, len(X), _ROWS)]
-                       or [np.zeros((0, H.shape[0]))])                    # (N, K)
-    k = H.shape[0]
-    diag = np.where(np.diag(G) > 0, np.diag(G), 1.0)  # an all-zero row of H gets weight 0 anyway
-    W = np.zeros_like(P)
-    for _ in range(max_iter):
-        change = 0.0
-        for j in range(k):
-            new = np.maximum(W[:, j] + (P[:, j] - W @ G[:, j]) / diag[j], 0.0)
-            change = max(change, float(np.abs(new - W[:, j]).max(initial=0.0)))
-            W[:, j] = new
-        if change <= tol * max(float(W.max(initial=0.0)), 1e-30):
-            break
-    return W
-
 
 def _sq_norm(V: np.ndarray) -> float:
     """||V||_F^2 in float64, chunked."""
@@ -79,7 +53,7 @@ def _nmf_rel_error(V: np.ndarray, H: np.ndarray, v_norm: float) -> float:
     H32 = H.astype(np.float32)
     for i in range(0, len(V), _ROWS):
         chunk = np.asarray(V[i:i + _ROWS], dtype=np.float32)
-        resid = chunk - nnls_batch(chunk, H).astype(np.float32) @ H32
+        resid = chunk - nnls_converged(chunk, H).astype(np.float32) @ H32
         sq += float(np.square(resid, dtype=np.float64).sum())
     return float(np.sqrt(sq) / v_norm)
 
@@ -137,7 +111,7 @@ def k_grid(cells: np.ndarray, tile_embeddings: np.ndarray, y: np.ndarray, groups
             if H.shape != (k, V.shape[1]):
                 raise ValueError(f"nmf_fit returned H of shape {H.shape}, expected ({k}, {V.shape[1]}).")
             out["nmf_rel_error"][i] = _nmf_rel_error(V, H, v_norm)
-            reg = output_regression(nnls_batch(E, H), y, groups, seed=seed)
+            reg = output_regression(nnls_converged(E, H), y, groups, seed=seed)
             out["nmf_r2"][i], out["nmf_r2_cv"][i] = reg["r2"], reg["r2_cv"]
         if k <= V.shape[0]:
             km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(V)
@@ -211,7 +185,7 @@ def k_grid_cells(cells: np.ndarray, tile: np.ndarray, y: np.ndarray, groups: np.
         if k <= min(Vf.shape):
             H = np.asarray((nmf_fit or _sklearn_nmf)(Vf, int(k), seed), dtype=np.float64)
             out["nmf_rel_error"][i] = _nmf_rel_error(Vf, H, v_norm)
-            record(i, "nmf", _per_tile_sum(nnls_batch(V, H), tile, n_tiles))
+            record(i, "nmf", _per_tile_sum(nnls_converged(V, H), tile, n_tiles))
         if k <= len(Vf):
             km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(Vf)
             out["kmeans_rel_error"][i] = float(np.sqrt(km.inertia_) / v_norm)

@@ -27,6 +27,7 @@ __all__ = [
     "TorchNMF",
     "make_nonnegative",
     "nndsvd",
+    "nnls_converged",
     "nnls_rows",
     "relative_error",
 ]
@@ -35,6 +36,8 @@ _CHECK_ROWS = 65536  # rows per chunk when validating or reducing V, so no (n, C
 _W_SWEEPS = 4  # coordinate sweeps over W per V @ H.T product (each sweep costs ~K/C of the product)
 _H_SWEEPS = 8  # sweeps over H per W.T @ V product (H is (K, C): almost free)
 NNLS_SWEEPS = 30  # coordinate sweeps of nnls_rows after its unconstrained start: the full pass's cell weights
+NNLS_TOL = 1e-8  # nnls_converged stops when no weight moves by more than this x the largest weight in a sweep
+NNLS_MAX_SWEEPS = 500  # ... or after this many sweeps
 
 
 def _default_device() -> torch.device:
@@ -152,8 +155,8 @@ def nndsvd(
     return W, H
 
 
-def _sweep_rows(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int) -> None:
-    """In place: `n_sweeps` rounds of exact coordinate descent on the rows of X (K, m) >= 0.
+def _sweep_rows(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, tol: float | None = None) -> None:
+    """In place: up to `n_sweeps` rounds of exact coordinate descent on the rows of X (K, m) >= 0.
 
     Minimises ||V - F X||_F^2 (or its transpose) for a fixed factor F, given only the data
     product P = F.T V (K, m), i.e. H @ V.T or W.T @ V, and the Gram matrix G = F.T F (K, K).
@@ -162,38 +165,74 @@ def _sweep_rows(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int
     with Ps = P / diag(G) and Gs = G / diag(G) with its diagonal zeroed, so each update is two
     kernels (matrix-vector product, clamp) whatever the device. A row of the fixed factor that
     is all zero (G[k, k] = 0) contributes nothing; its row of X is set to 0.
+    With `tol`, it stops after the first sweep whose largest change of an entry is at most
+    tol x the largest entry of X (a test that reads the device once per sweep).
     """
     diag = G.diagonal().clamp(min=torch.finfo(G.dtype).tiny).unsqueeze(1)
     Ps = P / diag
     Gs = (G / diag).fill_diagonal_(0)
     for _ in range(n_sweeps):
+        before = X.clone() if tol is not None else None
         for k in range(X.shape[0]):
             torch.clamp(torch.addmv(Ps[k], X.T, Gs[k], alpha=-1.0), min=0, out=X[k])
+        if before is not None and (
+            X.numel() == 0 or float((X - before).abs().max()) <= tol * max(float(X.max()), 1e-30)
+        ):
+            break
 
 
-def nnls_rows(V: torch.Tensor, H: torch.Tensor, *, n_iter: int = NNLS_SWEEPS) -> torch.Tensor:
+def nnls_rows(
+    V: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    n_iter: int = NNLS_SWEEPS,
+    tol: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Non-negative least squares of each row of V against fixed H: argmin_w>=0 ||v - w H||.
 
-    V: (n, C), H: (K, C), both on the same device. Returns W (n, K) float32 on V's device.
-    Starts from the clipped unconstrained solution and runs `n_iter` coordinate sweeps; there
-    is no data-dependent branching, so it never waits on the GPU (safe inside a forward hook).
-    Runs in float32 even under autocast, and without autograd.
+    V: (n, C), H: (K, C), both on the same device. Returns W (n, K) in `dtype` on V's device.
+    Starts from the clipped unconstrained solution and runs coordinate sweeps (`_sweep_rows`):
+    - tol=None (the full pass): exactly `n_iter` sweeps; no data-dependent branching, so it never
+      waits on the GPU (safe inside a forward hook);
+    - tol given (the K grid): until the largest change of a weight in one sweep is at most
+      tol x the largest weight, at most `n_iter` sweeps; with dtype=torch.float64 this solves to
+      convergence (NNLS_TOL, NNLS_MAX_SWEEPS).
+    Runs in `dtype` even under autocast, and without autograd.
     """
-    V = V.detach().float()
-    H = H.detach().to(device=V.device, dtype=torch.float32)
+    V = V.detach().to(dtype)
+    H = H.detach().to(device=V.device, dtype=dtype)
     K = H.shape[0]
-    # A hook may run under bf16/fp16 autocast: the solve needs float32 products.
+    # A hook may run under bf16/fp16 autocast: the solve needs full-precision products.
     with torch.autocast(V.device.type, enabled=False), torch.no_grad():
         G = H @ H.T  # (K, K)
         P = H @ V.T  # (K, n)
         # A tiny ridge keeps the solve defined when prototypes are collinear or all-zero;
         # the sweeps below then remove its (negligible) bias.
-        ridge = 1e-6 * G.diagonal().mean() + torch.finfo(torch.float32).tiny
-        eye = torch.eye(K, device=V.device, dtype=torch.float32)
+        ridge = 1e-6 * G.diagonal().mean() + torch.finfo(dtype).tiny
+        eye = torch.eye(K, device=V.device, dtype=dtype)
         X = torch.linalg.solve_ex(G + ridge * eye, P)[0]
         X = torch.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
-        _sweep_rows(X, P, G, n_iter)
+        _sweep_rows(X, P, G, n_iter, tol)
     return X.T.contiguous()
+
+
+def nnls_converged(X: Any, H: Any, *, batch_rows: int = 8192) -> np.ndarray:
+    """NNLS of every row of X (N, C) against H (K, C), solved to convergence: W (N, K) float64.
+
+    `nnls_rows` in float64 on the CPU with tol=NNLS_TOL and at most NNLS_MAX_SWEEPS sweeps,
+    `batch_rows` rows at a time, so only one (batch_rows, C) float64 block exists at once;
+    X may be any row-sliceable matrix (numpy, memmap, h5py). For the K grid, whose errors and
+    R^2 compare K values and must not carry the full pass's fixed-sweep approximation.
+    """
+    Ht = torch.from_numpy(np.asarray(H, dtype=np.float64))
+    out = np.empty((X.shape[0], Ht.shape[0]), dtype=np.float64)
+    for start in range(0, X.shape[0], batch_rows):
+        block = torch.from_numpy(np.asarray(X[start : start + batch_rows], dtype=np.float64))
+        out[start : start + batch_rows] = nnls_rows(
+            block, Ht, n_iter=NNLS_MAX_SWEEPS, tol=NNLS_TOL, dtype=torch.float64
+        ).numpy()
+    return out
 
 
 def relative_error(V: Any, W: Any, H: Any) -> float:

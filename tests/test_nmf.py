@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import DATA
 from generated import slide_pixels
 from precompute.capricorn import build_capricorn_crc
-from precompute.nmf import TorchNMF, make_nonnegative, nnls_rows, relative_error
+from precompute.nmf import TorchNMF, make_nonnegative, nnls_converged, nnls_rows, relative_error
 
 K, SEED, TILE = 6, 0, 224
 
@@ -149,6 +149,29 @@ def test_nnls_rows_solves_each_row_like_scipy(V, ours):
         assert res <= res_ref * (1 + 1e-3) + 1e-6  # as good a fit as the exact solution
         np.testing.assert_allclose(w, ref, rtol=1e-2, atol=1e-3 * max(1.0, ref.max()))
     np.testing.assert_allclose(ours.transform(rows), W, rtol=1e-4, atol=1e-5)
+
+
+def test_converged_nnls_matches_scipy_across_batches_and_degenerate_prototypes():
+    """The K grid's solve (nnls_rows to convergence, float64, in row batches) against scipy's NNLS per row,
+    with an all-zero prototype, two equal prototypes (W not unique: the fits must match) and glass cells."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(3)
+    H = rng.gamma(0.6, 1.0, size=(6, 40))
+    H[2] = 0.0            # a concept that never fires
+    H[5] = H[4]           # two identical concepts
+    X = np.maximum(rng.gamma(0.5, 1.0, size=(300, 6)) @ H + rng.normal(0, 0.3, size=(300, 40)), 0)
+    X[::50] = 0.0         # all-zero cells
+    W = nnls_converged(X.astype(np.float32), H, batch_rows=64)  # several batches, the last one partial
+    assert W.shape == (300, 6) and W.dtype == np.float64 and (W >= 0).all()
+    assert not W[:, 2].any() and not W[::50].any()
+    ref = np.stack([nnls(H.T, x)[0] for x in X.astype(np.float32).astype(np.float64)])
+    fit, fit_ref = (np.linalg.norm(X.astype(np.float32) - w @ H, axis=1) for w in (W, ref))
+    np.testing.assert_allclose(fit, fit_ref, rtol=1e-7, atol=1e-9)
+    # Where W is unique (all but the duplicated pair), the weights themselves agree.
+    unique = [0, 1, 3]
+    np.testing.assert_allclose(W[:, unique], ref[:, unique], rtol=1e-5, atol=1e-6 * ref.max())
+    np.testing.assert_allclose(W[:, 4] + W[:, 5], ref[:, 4] + ref[:, 5], rtol=1e-5, atol=1e-6 * ref.max())
 
 
 def test_from_components_round_trip(V, ours):
