@@ -1,9 +1,9 @@
 """Scale-out: tiles/s of `precompute run` in one process and on 1 and 2 local Dask workers.
 
-Generates a cohort of pyramidal TIFF slides (tests/tiny_inputs.py: pink blobs on glass), runs the
+Generates a cohort of pyramidal TIFF slides (tests/generated.py: pink blobs on glass), runs the
 same command once per execution mode and reads the run log: the full pass's wall time (from the
 pass_end/full-pass timestamps) and tiles, the sum of per-slide seconds (what the workers spent), and
-the whole run's wall time including the cluster start. Model: the tests' tiny seeded CNN (`tiny_inputs:tiny_net`, 64-px tiles), so the
+the whole run's wall time including the cluster start. Model: the tests' tiny seeded CNN (`seeded_models:tiny_net`, 64-px tiles), so the
 figures show the per-slide and per-run overheads of each mode rather than a model's speed. (Workers
 refuse a factory whose weights differ from the client's, e.g. an unseeded random init.)
 
@@ -26,7 +26,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
 def cohort(work: Path, n: int, side: int) -> Path:
-    from tiny_inputs import write_slide
+    from generated import write_blob_slide
 
     manifest = work / "manifest.csv"
     if manifest.exists() and len(manifest.read_text().splitlines()) == n + 1:
@@ -34,7 +34,7 @@ def cohort(work: Path, n: int, side: int) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     rows = ["slide_id,path,diagnosis"]
     for i in range(n):
-        rows.append(f"s{i},{write_slide(work / f's{i}.tiff', seed=i, side=side)},normal")
+        rows.append(f"s{i},{write_blob_slide(work / f's{i}.tiff', seed=i, side=side)},normal")
     manifest.write_text("\n".join(rows) + "\n")
     return manifest
 
@@ -48,7 +48,7 @@ def run(manifest: Path, out: Path, extra: list[str]) -> dict:
         p.unlink(missing_ok=True)
     subprocess.run(["rm", "-rf", str(out.with_name(out.name + ".parts"))], check=True)
     cmd = [sys.executable, "-m", "precompute", "run", "--cohort", str(manifest), "--model",
-           "tiny_inputs:tiny_net", "--out", str(out), "--k", "4", "--k-grid", "",
+           "seeded_models:tiny_net", "--out", str(out), "--k", "4", "--k-grid", "",
            "--no-progress", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"})

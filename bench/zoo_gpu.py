@@ -12,7 +12,7 @@ side by side per model:
     python bench/zoo_gpu.py [--cohort ../shared/data/slides/CMU-1-Small-Region.svs] [--only vgg16,swin_t]
 
 Without a CUDA device it says so and exits 0. Needs ../shared/data (or --cohort) and the test
-requirements (the zoo's definitions live in tests/zoo_models.py).
+requirements (the zoo's definitions live in tests/seeded_models.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from precompute.cli import run_job  # noqa: E402
 from precompute.store import Atlas  # noqa: E402
-from zoo_models import ZOO, build  # noqa: E402
+from seeded_models import ZOO, build  # noqa: E402
 
 SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 

@@ -1,7 +1,7 @@
 """Hostile, odd and broken inputs to the command line: each gets a clear message and a documented exit
 code (README's table), never a traceback, and the good slides of the same cohort still reach the atlas.
 
-Every input is built here: tiny pyramidal TIFFs (tifffile), a tiny seeded model given as
+Every input is generated: tiny pyramidal TIFFs (tests/generated.py), a tiny seeded model given as
 `package.module:factory` from a temporary module on PYTHONPATH, manifests, model files. Most cases run
 the CLI in this process (one torch import for the module); faults that need their own process (SIGKILL,
 file-size limits, read-only and full filesystems, a second run holding the lock) run it as a subprocess.
@@ -28,6 +28,7 @@ import tifffile
 import torch
 
 from conftest import REPO
+from generated import write_disc_slide
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -84,22 +85,6 @@ class _Evil(torch.nn.Module):
         self.training = state[1]
 
 
-def make_slide(path: Path, *, size: int = 256, mpp: float | None = 0.5, blob: float = 0.4, seed: int = 0,
-               pyramid: bool = True) -> Path:
-    """A tiled TIFF OpenSlide reads: a stained disc (radius blob * size) on glass, plus a 4x level."""
-    rng = np.random.default_rng(seed)
-    img = np.full((size, size, 3), 240, np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * blob) ** 2
-    img[disc] = (rng.integers(0, 60, (int(disc.sum()), 3)) + np.array([150, 60, 140])).astype(np.uint8)
-    res = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(img, tile=(64, 64), compression="zlib", photometric="rgb", **res)
-        if pyramid:
-            tif.write(img[::4, ::4].copy(), tile=(64, 64), compression="zlib", photometric="rgb")
-    return path
-
-
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Folder with the model module, three good slides and helpers; the module is importable."""
@@ -108,7 +93,7 @@ def kit(tmp_path_factory):
     sys.path.insert(0, str(root))
     _KIT.append(root)
     for i in range(3):
-        make_slide(root / f"good{i}.tif", seed=i)
+        write_disc_slide(root / f"good{i}.tif", seed=i)
     yield root
     sys.path.remove(str(root))
     _KIT.remove(root)
@@ -462,7 +447,7 @@ def test_unreadable_slide_among_good_ones(kit, tmp_path):
 
 
 def test_slides_without_pixel_size_are_reported_once_by_cause(kit, tmp_path):
-    rows = [(f"nompp{i}", make_slide(tmp_path / f"nompp{i}.tif", mpp=None, seed=i), "x") for i in range(4)]
+    rows = [(f"nompp{i}", write_disc_slide(tmp_path / f"nompp{i}.tif", mpp=None, seed=i), "x") for i in range(4)]
     out_file = tmp_path / "a.h5"
     code, out = cli("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, *FAST)
     assert code == 3 and not out_file.exists(), out
@@ -473,7 +458,7 @@ def test_slides_without_pixel_size_are_reported_once_by_cause(kit, tmp_path):
 
 
 def test_slide_without_tiles_says_what_tissue_was_found_and_what_to_change(kit, tmp_path):
-    speck = make_slide(tmp_path / "speck.tif", blob=0.05, seed=5)
+    speck = write_disc_slide(tmp_path / "speck.tif", blob=0.05, seed=5)
     out_file = tmp_path / "a.h5"
     code, out = cli("run", "--cohort", manifest(tmp_path, good_rows(kit) + [("speck", speck, "x")]), "--model", MODEL,
                     "--out", out_file, *FAST)
@@ -694,7 +679,7 @@ def _wait_for(predicate, timeout: float) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the worker processes")
 def test_workers_end_when_the_main_process_is_killed(kit, tmp_path):
-    rows = [(f"s{i}", make_slide(tmp_path / f"s{i}.tif", size=1024, seed=i), "x") for i in range(12)]
+    rows = [(f"s{i}", write_disc_slide(tmp_path / f"s{i}.tif", size=1024, seed=i), "x") for i in range(12)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(kit)])}
     main = subprocess.Popen([sys.executable, "-m", "precompute", "run", "--cohort", manifest(tmp_path, rows),
                              "--model", MODEL, "--out", tmp_path / "a.h5", "--k", "2", "--k-grid", "",
@@ -718,7 +703,7 @@ def test_workers_end_when_the_main_process_is_killed(kit, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_releases_the_lock(kit, tmp_path):
-    rows = [(f"s{i}", make_slide(tmp_path / f"s{i}.tif", size=512, seed=i), "x") for i in range(4)]
+    rows = [(f"s{i}", write_disc_slide(tmp_path / f"s{i}.tif", size=512, seed=i), "x") for i in range(4)]
     out_file = tmp_path / "a.h5"
     args = ("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, *FAST)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(kit)])}

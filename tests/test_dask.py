@@ -1,5 +1,5 @@
 """The passes on a 2-worker Dask LocalCluster (CPU) give the same atlas as one process, survive a
-killed worker, and resume after a killed client. Inputs are generated (tests/tiny_inputs.py)."""
+killed worker, and resume after a killed client. Inputs are generated (tests/generated.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from generated import write_blob_cohort
 from precompute.parts import read_part_attrs
-from tiny_inputs import write_cohort
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ RUN_ATTRS = {"created_utc", "command_line"}
 
 
 def _args(manifest: Path, out: Path, *extra: str) -> list[str]:
-    return ["run", "--cohort", str(manifest), "--model", "tiny_inputs:tiny_net", "--out", str(out), "--k", "3",
+    return ["run", "--cohort", str(manifest), "--model", "seeded_models:tiny_net", "--out", str(out), "--k", "3",
             "--k-grid", "2,3", "--batch-size", "64", "--workers", "0", "--no-progress", *extra]
 
 
@@ -72,7 +72,7 @@ def atlas_differences(path_a: Path, path_b: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    return write_cohort(tmp_path_factory.mktemp("dask-cohort"))
+    return write_blob_cohort(tmp_path_factory.mktemp("dask-cohort"))
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,13 @@ from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
 from conftest import REPO, run_cli
-from fidelity_inputs import CLASSES, features_of, make_cohort, tile_pixels, tiny_linear_head
+from generated import png_tile, write_stain_cohort
 from precompute.report import format_report, report_dict
 from precompute.store import Atlas
+from seeded_models import CLASSES, features_of, tiny_linear_head
 
 TUM = CLASSES.index("TUM")
+TILE_PX = 64  # the model's input: the generated images are read at native resolution
 ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 
 
@@ -31,9 +33,9 @@ def build(folder: Path, *extra: str) -> Path:
     """Run the CLI on the generated cohort in `folder` (made when absent) with the tiny model."""
     manifest = folder / "manifest.csv"
     if not manifest.exists():
-        make_cohort(folder)
+        write_stain_cohort(folder)
     out = folder / f"atlas{'_'.join(extra).replace('-', '')}.h5"
-    proc = run_cli("run", "--cohort", str(manifest), "--model", "fidelity_inputs:tiny_linear_head", "--out", str(out),
+    proc = run_cli("run", "--cohort", str(manifest), "--model", "seeded_models:tiny_linear_head", "--out", str(out),
                    "--native-resolution", "--min-tissue", "0", "--k", "3", "--k-grid", "2,3", "--gradcam",
                    "--workers", "0", "--no-progress", *extra, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -59,7 +61,7 @@ def _closed_form_cam(folder: Path, t: dict, dydz: np.ndarray) -> np.ndarray:
     """GradCAM (N, h, w) of a target with per-tile dy/dz (N, O) on the GAP + linear head."""
     model, _ = tiny_linear_head()
     W = model.fc.weight.detach().double().numpy()                             # (O, C)
-    pixels = np.stack([tile_pixels(folder, s, int(x), int(y)) for s, x, y in zip(t["slide_id"], t["x"], t["y"])])
+    pixels = np.stack([png_tile(folder, s, int(x), int(y), TILE_PX) for s, x, y in zip(t["slide_id"], t["x"], t["y"])])
     A = features_of(model, pixels)                                            # (N, h, w, C)
     alpha = dydz @ W / (A.shape[1] * A.shape[2])                              # (N, C)
     return np.maximum(np.einsum("nhwc,nc->nhw", A, alpha), 0.0)
@@ -275,7 +277,7 @@ def test_k_grid_uses_cells_per_cluster_for_k_means(tiny_atlas):
 
     t = _tiles(tiny_atlas)
     model, _ = tiny_linear_head()
-    pixels = np.stack([tile_pixels(tiny_atlas.parent, s, int(x), int(y))
+    pixels = np.stack([png_tile(tiny_atlas.parent, s, int(x), int(y), TILE_PX)
                        for s, x, y in zip(t["slide_id"], t["x"], t["y"])])
     A = features_of(model, pixels)                                  # (T, 8, 8, C)
     cells = A.reshape(-1, A.shape[-1]).astype(np.float32)
@@ -341,7 +343,7 @@ def test_glass_cells_get_no_concept_and_glass_concepts_are_flagged(tiny_atlas):
         assert (np.asarray(m["hard"])[~glass] > 0).all()
         np.testing.assert_allclose(np.asarray(m["cell_tissue"], np.float64), frac, atol=1e-3)
         rows = np.flatnonzero(t["slide"] == i)
-        pix = np.stack([tile_pixels(tiny_atlas.parent, f"s{i}", int(t["x"][r]), int(t["y"][r])) for r in rows])
+        pix = np.stack([png_tile(tiny_atlas.parent, f"s{i}", int(t["x"][r]), int(t["y"][r]), TILE_PX) for r in rows])
         A = features_of(model, pix)
         for r, a in zip(rows, A):
             y0, x0 = int(t["y"][r]) // 8, int(t["x"][r]) // 8
@@ -378,7 +380,7 @@ def test_importance_by_removal_matches_the_closed_form_of_a_linear_head(tiny_atl
     rep = report_dict(out)
     model, _ = tiny_linear_head()
     W, b = model.fc.weight.detach().double().numpy(), model.fc.bias.detach().double().numpy()
-    pixels = np.stack([tile_pixels(out.parent, s, int(x), int(y)) for s, x, y in zip(ids, t["x"], t["y"])])
+    pixels = np.stack([png_tile(out.parent, s, int(x), int(y), TILE_PX) for s, x, y in zip(ids, t["x"], t["y"])])
     A = features_of(model, pixels).reshape(len(pixels), 64, -1)                 # (N, cells, C)
 
     def target(z):

@@ -13,8 +13,9 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-import zoo_models
+import seeded_models
 from dashboard_fixtures import run_app
+from generated import write_tile_folder
 from precompute.activations import outputs_match, prefer_channels_last
 from precompute import cli
 from precompute.cli import app
@@ -55,19 +56,19 @@ def run_end(out) -> dict:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return zoo_models.write_cohort(tmp_path_factory.mktemp("tiles"), 2)
+    return write_tile_folder(tmp_path_factory.mktemp("tiles"), seeded_models.zoo_tiles(2))
 
 
 # -- memory layout -----------------------------------------------------------------------------
 def test_tiles_reach_the_model_contiguous_nchw():
-    tiles = torch.from_numpy(np.stack(zoo_models.tile_images(2)))
+    tiles = torch.from_numpy(np.stack(seeded_models.zoo_tiles(2)))
     x = normalise_on_device(tiles, ModelSpec(name="m"))
     assert x.shape == (2, 3, 224, 224) and x.is_contiguous()
 
 
 def test_channels_last_is_kept_only_when_outputs_are_the_same():
     x = torch.rand(2, 3, 64, 64)
-    net = zoo_models.ViewNet().eval()
+    net = seeded_models.ViewNet().eval()
     with torch.inference_mode():
         assert not prefer_channels_last(net, x)  # the .view head cannot take NHWC strides
         assert net.features[0].weight.is_contiguous()  # the model is put back as it was
@@ -80,7 +81,7 @@ def test_channels_last_is_kept_only_when_outputs_are_the_same():
 
 def test_view_model_runs_end_to_end_and_opens_in_the_dashboard(cohort, tmp_path, monkeypatch):
     out = tmp_path / "atlas.h5"
-    code, text = small_run(cohort, out, "zoo_models:view_cnn", "--gradcam", "--explain", "a")
+    code, text = small_run(cohort, out, "seeded_models:view_cnn", "--gradcam", "--explain", "a")
     assert code == 0, text
     with Atlas(out) as a:
         assert a.n_tiles == 2 * 9  # 224 px images, 64 px tiles: 3 x 3 tiles each
@@ -106,20 +107,20 @@ def test_resuming_on_another_device_or_precision_redoes_the_slides(cohort, tmp_p
     import precompute.pipeline as pipeline
 
     out = tmp_path / "atlas.h5"
-    assert small_run(cohort, out, "zoo_models:view_cnn")[0] == 0
-    assert small_run(cohort, out, "zoo_models:view_cnn")[0] == 0
+    assert small_run(cohort, out, "seeded_models:view_cnn")[0] == 0
+    assert small_run(cohort, out, "seeded_models:view_cnn")[0] == 0
     assert run_end(out)["reused"] == 2  # same device and precision: nothing redone
     keys = {p.name: h5py.File(p, "r").attrs["attrs_json"] for p in (tmp_path / "atlas.h5.parts" / "slides").iterdir()}
     # A second machine with CUDA bf16 resumes the run: its parts must not be mixed with the CPU fp32 ones.
     monkeypatch.setattr(pipeline, "compute_signature", lambda device: "cuda-bf16")
-    assert small_run(cohort, out, "zoo_models:view_cnn")[0] == 0
+    assert small_run(cohort, out, "seeded_models:view_cnn")[0] == 0
     assert run_end(out)["reused"] == 0
     with Atlas(out) as a:
         assert a.config["compute"] == "cuda-bf16"
     for p in (tmp_path / "atlas.h5.parts" / "slides").iterdir():
         assert json.loads(h5py.File(p, "r").attrs["attrs_json"])["key"] != json.loads(keys[p.name])["key"]
     monkeypatch.undo()
-    assert small_run(cohort, out, "zoo_models:view_cnn")[0] == 0
+    assert small_run(cohort, out, "seeded_models:view_cnn")[0] == 0
     assert run_end(out)["reused"] == 0  # back on the CPU: redone again, not taken from the bf16 parts
 
 
@@ -128,7 +129,7 @@ def test_resuming_on_another_device_or_precision_redoes_the_slides(cohort, tmp_p
 def plain_outputs(cohort, tmp_path_factory) -> np.ndarray:
     """Outputs stored for the plain ViewNet (the wrappers hold the same seeded network)."""
     out = tmp_path_factory.mktemp("plain") / "atlas.h5"
-    assert small_run(cohort, out, "zoo_models:view_cnn", "--explain", "0")[0] == 0
+    assert small_run(cohort, out, "seeded_models:view_cnn", "--explain", "0")[0] == 0
     with Atlas(out) as a:
         return a.tiles(["outputs"])["outputs"]
 
@@ -136,7 +137,7 @@ def plain_outputs(cohort, tmp_path_factory) -> np.ndarray:
 @pytest.mark.parametrize("form", ["tuple", "dict", "object"])
 def test_tuple_dict_and_object_outputs_give_the_logits(form, cohort, tmp_path, plain_outputs):
     out = tmp_path / "atlas.h5"
-    code, text = small_run(cohort, out, f"zoo_models:{form}_cnn", "--explain", "0")
+    code, text = small_run(cohort, out, f"seeded_models:{form}_cnn", "--explain", "0")
     assert code == 0, text
     with Atlas(out) as a:
         tiles = a.tiles(["outputs", "probs"])
@@ -147,7 +148,7 @@ def test_tuple_dict_and_object_outputs_give_the_logits(form, cohort, tmp_path, p
 
 def test_a_model_returning_probabilities_is_noticed(cohort, tmp_path):
     out = tmp_path / "atlas.h5"
-    code, text = small_run(cohort, out, "zoo_models:probs_cnn", "--explain", "0")
+    code, text = small_run(cohort, out, "seeded_models:probs_cnn", "--explain", "0")
     assert code == 0, text
     assert "already look like probabilities" in text and "--output-activation none" in text
     with Atlas(out) as a:
@@ -155,7 +156,7 @@ def test_a_model_returning_probabilities_is_noticed(cohort, tmp_path):
         tiles = a.tiles(a.tile_names())
     assert "probs" not in tiles or np.allclose(tiles["probs"], tiles["outputs"])
     np.testing.assert_allclose(tiles["outputs"].sum(axis=1), 1.0, atol=1e-5)  # not softmaxed twice
-    code, text = small_run(cohort, tmp_path / "again.h5", "zoo_models:probs_cnn", "--explain", "0",
+    code, text = small_run(cohort, tmp_path / "again.h5", "seeded_models:probs_cnn", "--explain", "0",
                            "--output-activation", "softmax")
     assert code == 0 and "applies softmax to them again" in text
 
@@ -193,7 +194,7 @@ def test_gradcam_on_tokens_is_the_gradient_on_the_patch_grid():
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2).eval()
     spec = ModelSpec(name="vit")
-    tiles = torch.from_numpy(np.stack(zoo_models.tile_images(2)))
+    tiles = torch.from_numpy(np.stack(seeded_models.zoo_tiles(2)))
     H = np.abs(np.random.default_rng(0).normal(size=(3, 192))).astype(np.float32)
     from precompute.concepts import Concepts
 

@@ -1,4 +1,4 @@
-"""The run's stages on generated slides (tests/tiny_inputs.py), in this process: each slide's tile plan
+"""The run's stages on generated slides (tests/generated.py), in this process: each slide's tile plan
 (tissue mask and tile grid) is made once and reused by the calibration, the full pass and a resumed run."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 import precompute.tile_plan as tile_plan
+from generated import write_blob_cohort
 from precompute.cli import run_job
 from precompute.tile_stream import SlideJob, SlidePlan, TileStream
 from precompute.config import RunConfig
-from tiny_inputs import write_cohort
 
 
 def _run(manifest: Path, out: Path, **options) -> int:
     given = {"k": 3, "k_grid": "2,3", "batch_size": 64, "workers": 0, "progress": False, **options}
-    return run_job(cohort=manifest, model="tiny_inputs:tiny_net", out=out, **given)
+    return run_job(cohort=manifest, model="seeded_models:tiny_net", out=out, **given)
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def counted_plans(monkeypatch) -> list[str]:
 
 
 def test_each_slide_is_planned_once_for_both_passes_and_a_resumed_run(tmp_path, counted_plans):
-    manifest = write_cohort(tmp_path / "cohort", n_slides=3)
+    manifest = write_blob_cohort(tmp_path / "cohort", n_slides=3)
     out = tmp_path / "atlas.h5"
     assert _run(manifest, out) == 1  # the unreadable slide fails; the others are done
     assert sorted(counted_plans) == ["blank", "s0", "s1", "s2"]  # once each, not again in the full pass
@@ -58,7 +58,7 @@ def _same(x, y) -> bool:
 
 
 def test_a_loaded_plan_gives_the_tiles_a_fresh_one_gives(tmp_path):
-    manifest = write_cohort(tmp_path / "cohort", n_slides=1, blank=False, broken=False)
+    manifest = write_blob_cohort(tmp_path / "cohort", n_slides=1, blank=False, broken=False)
     from precompute.cohort import load_cohort
 
     rec = load_cohort(manifest)[0]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 from PIL import Image
 
 from dashboard import viewport as vp
 from dashboard.links import fingerprint
 from dashboard.pixels import Pixels
+from generated import write_tiff
 
 W, H = 2048, 1536  # level-0 px of the generated slide
 FACTOR = 4         # level 1 = level 0 / 4
@@ -25,12 +25,8 @@ def slide(tmp_path_factory):
     rng = np.random.default_rng(0)
     level0 = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
     level1 = np.asarray(Image.fromarray(level0).reduce(FACTOR))
-    path = tmp_path_factory.mktemp("viewer") / "noise.tiff"
-    with tifffile.TiffWriter(path) as tif:
-        for i, level in enumerate((level0, level1)):
-            f = FACTOR ** i
-            tif.write(level, tile=(256, 256), photometric="rgb", compression=None, subfiletype=0 if i == 0 else 1,
-                      resolution=(2e4 / f, 2e4 / f), resolutionunit="CENTIMETER", metadata=None)
+    path = write_tiff(tmp_path_factory.mktemp("viewer") / "noise.tiff", level0, mpp=0.5, factors=(1, FACTOR),
+                      tile=256, compression=None)
     return path, level0, level1
 
 

@@ -3,7 +3,7 @@
 checks that every family maps onto cells, stitches, explains and displays, not what it has learned.
 
 Each case saves a seeded state_dict with a 2-class head and passes it with --arch, as a user does.
-Tiles are real Kather CRC tiles when ../shared/data is present, else generated textures (zoo_models).
+Tiles are real Kather CRC tiles when ../shared/data is present, else generated textures (seeded_models.zoo_tiles).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import zoo_models
+from generated import write_mosaic, write_tile_folder
 from precompute.store import Atlas
-from zoo_models import ZOO, build
+from seeded_models import ZOO, build, zoo_tiles
 from test_model_forms import assert_opens, run_cli
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo-tiles")
-    return {224: zoo_models.write_cohort(root / "224", 3),
-            299: zoo_models.write_cohort(root / "299", 3, side=299),
-            512: zoo_models.write_mosaic(root / "768", 768)}
+    return {224: write_tile_folder(root / "224", zoo_tiles(3)),
+            299: write_tile_folder(root / "299", zoo_tiles(3), side=299),
+            512: write_mosaic(root / "768", zoo_tiles(8), 768)}
 
 
 @pytest.mark.parametrize("name", list(ZOO))

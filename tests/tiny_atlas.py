@@ -1,9 +1,8 @@
 """Small atlases built without ../shared: generated pyramidal TIFF slides run through
-`python -m precompute run` with the tiny seeded model of tests/lumen_tiny.py (a few seconds).
+`python -m precompute run` with the tiny seeded model `seeded_models:tiny_cnn` (a few seconds).
 
-Each slide is 768 x 512 px at 0.5 um/px: white background with pink (eosin-like) and purple
-(haematoxylin-like) tissue regions of random shape, stored as a tiled TIFF with a 1/4 level,
-which OpenSlide reads as a generic tiled TIFF with its pixel size from the resolution tags.
+Each slide is `generated.write_slide`'s 768 x 512 px at 0.5 um/px (pink and purple ellipses of 50 to
+130 px radii on glass), a tiled TIFF with a 1/4 level.
 """
 
 from __future__ import annotations
@@ -13,37 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from generated import write_tiff
+from generated import write_manifest, write_slide
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-SLIDE_W, SLIDE_H, MPP = 768, 512, 0.5
-PINK, PURPLE, WHITE = (232, 150, 190), (120, 60, 150), (245, 245, 245)
-
-
-def slide_pixels(seed: int) -> np.ndarray:
-    """(SLIDE_H, SLIDE_W, 3) uint8: background with a few pink and purple blobs plus texture noise."""
-    rng = np.random.default_rng(seed)
-    img = np.empty((SLIDE_H, SLIDE_W, 3), np.float32)
-    img[:] = WHITE
-    yy, xx = np.mgrid[0:SLIDE_H, 0:SLIDE_W]
-    for i in range(6):
-        cy, cx = rng.uniform(60, SLIDE_H - 60), rng.uniform(60, SLIDE_W - 60)
-        ry, rx = rng.uniform(50, 130, size=2)
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-        img[inside] = PINK if i % 2 == 0 else PURPLE
-    dots = rng.random((SLIDE_H, SLIDE_W)) < 0.02
-    img[dots & (img[..., 0] < 240)] = (70, 30, 110)  # nuclei-like dots on tissue
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_slide(path: Path, seed: int) -> Path:
-    """Pyramidal tiled TIFF (levels 1 and 1/4, 128-px tiles, deflate) with its pixel size."""
-    return write_tiff(path, slide_pixels(seed), mpp=MPP)
+RADII = (50, 130)  # px: the ellipses of the atlas's slides
 
 
 def cli_env() -> dict:
@@ -57,14 +32,11 @@ def build_tiny_atlas(folder: Path, n_slides: int = 3, k: int = 3) -> Path:
     atlas = folder / "atlas.h5"
     if atlas.exists():
         return atlas
-    rows = ["slide_id,path,diagnosis,patient"]
-    for i in range(n_slides):
-        path = write_slide(folder / f"slide{i}.tiff", seed=i)
-        rows.append(f"s{i},{path},{'benign' if i % 2 == 0 else 'malignant'},p{i}")
-    manifest = folder / "manifest.csv"
-    manifest.write_text("\n".join(rows) + "\n")
+    rows = [{"slide_id": f"s{i}", "path": str(write_slide(folder / f"slide{i}.tiff", seed=i, radii=RADII)),
+             "diagnosis": "benign" if i % 2 == 0 else "malignant", "patient": f"p{i}"} for i in range(n_slides)]
+    manifest = write_manifest(folder / "manifest.csv", rows)
     proc = subprocess.run(
-        [sys.executable, "-m", "precompute", "run", "--cohort", str(manifest), "--model", "lumen_tiny:factory",
+        [sys.executable, "-m", "precompute", "run", "--cohort", str(manifest), "--model", "seeded_models:tiny_cnn",
          "--out", str(atlas), "--k", str(k), "--workers", "0", "--calib-tiles", "24", "--k-grid", "",
          "--no-progress", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
