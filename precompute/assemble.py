@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,79 +29,107 @@ def _slide_row(rec: SlideRecord, attrs: dict, cell_l0: float | None) -> dict[str
     }
 
 
-def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], concepts: Concepts,
-                cfg: RunConfig, root_attrs: dict, layer_hw: tuple[int, int],
-                say: Callable[[str], None], fidelity: Callable[[AtlasWriter], None] | None = None
-                ) -> dict[str, Any]:
-    """Write the atlas at `out` (atomically). Returns facts for the summary and run log.
-    `fidelity(writer)`, when given, adds the fidelity statistics once all tiles are written."""
-    k = concepts.H.shape[0]
+@dataclass
+class _Running:
+    """What the assembly carries from slide to slide: the summed squared residual and squared norm of
+    every cell (for the atlas's overall relative error) and the prototypes chosen so far."""
+    sq_resid: float = 0.0
+    sq_norm: float = 0.0
+    protos: list[tuple] = field(default_factory=list)
+
+
+def _writer_layout(part_paths: list[Path], root_attrs: dict, k: int) -> dict[str, Any]:
+    """AtlasWriter's column layout, read from the first successful part: embedding width C, output names,
+    whether tiles have probabilities, and the optional per-tile columns (name -> (shape, dtype))."""
     first_ok = next((p for p in part_paths if (read_part_attrs(p) or {}).get("status") == "ok"), None)
     if first_ok is None:
         raise RuntimeError("no slide produced tiles; nothing to cluster")
     probe, _ = load_part(first_ok)
     output_names = list(root_attrs.get("output_names") or [f"out_{i}" for i in range(probe["outputs"].shape[1])])
-    has_probs = "probs" in probe
-    protos: list[tuple] = []  # the prototypes chosen so far (see _choose_prototypes)
-    total_sq_resid = total_sq_norm = 0.0
-    has_cam = "gradcam_r" in probe
-    extra = {"gradcam_r": ((k,), np.float32)} if has_cam else {}
-    has_importance = "importance" in probe
-    if has_importance:  # --importance: per tile and concept, the target's drop when the concept is removed
+    extra = {"gradcam_r": ((k,), np.float32)} if "gradcam_r" in probe else {}
+    if "importance" in probe:  # --importance: per tile and concept, the target's drop when the concept is removed
         extra.update({"importance": ((k,), np.float32), "deletion": ((k + 1,), np.float32)})
-    with AtlasWriter(out, attrs=root_attrs, embedding_dim=probe["embedding"].shape[1],
-                     output_names=output_names, k=k, has_probs=has_probs, extra_columns=extra) as w:
-        for rec, path in zip(records, part_paths):
-            arrays, attrs = load_part(path)
-            status = attrs.get("status", "failed")
-            cell_l0 = attrs["tile_l0"] / layer_hw[0] if "tile_l0" in attrs else None
-            tiles = maps = None
-            if status == "ok":
-                n = len(arrays["coords"])
-                err = np.sqrt(arrays["sq_resid"] / np.maximum(arrays["sq_norm"], 1e-30)).astype(np.float32)
-                total_sq_resid += float(arrays["sq_resid"].sum())
-                total_sq_norm += float(arrays["sq_norm"].sum())
-                tiles = {
-                    "x": arrays["coords"][:, 0], "y": arrays["coords"][:, 1], "tissue_frac": arrays["tissue_frac"],
-                    "embedding": arrays["embedding"], "outputs": arrays["outputs"], "weights": arrays["weights"],
-                    "nmf_cluster": arrays["weights"].argmax(axis=1).astype(np.int16), "recon_err": err,
-                    "thumb_jpeg": arrays["thumbs"],
-                }
-                if has_probs:
-                    tiles["probs"] = arrays["probs"]
-                if has_cam:
-                    tiles["gradcam_r"] = arrays["gradcam_r"]
-                if has_importance:
-                    tiles["importance"], tiles["deletion"] = arrays["importance"], arrays["deletion"]
-                start = w.n_tiles
-                new = _proto_rows({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + start,
-                                   **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
-                protos = _choose_prototypes(protos + new, k, cfg.prototypes_per_cluster)
-                assert len(tiles["x"]) == n
-            if "thumbnail" in arrays:
-                maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam",
-                                                        "cell_tissue", "concept_cells") if name in arrays}
-            map_attrs = {"thumb_downsample": attrs.get("thumb_downsample"),
-                         "mask_downsample": attrs.get("mask_downsample"), "cell_l0": cell_l0,
-                         "warnings": attrs.get("warnings", [])}
-            w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
+    return {"embedding_dim": probe["embedding"].shape[1], "output_names": output_names, "k": k,
+            "has_probs": "probs" in probe, "extra_columns": extra}
 
+
+def _tile_columns(arrays: dict[str, np.ndarray], layout: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The tile-table columns of one slide's n tiles from its part arrays: coordinates (px at level 0),
+    tissue fraction, embedding (n, C), outputs, concept weights (n, K), dominant concept, per-tile relative
+    reconstruction error, thumbnail JPEGs, and the layout's optional columns."""
+    err = np.sqrt(arrays["sq_resid"] / np.maximum(arrays["sq_norm"], 1e-30)).astype(np.float32)
+    tiles = {
+        "x": arrays["coords"][:, 0], "y": arrays["coords"][:, 1], "tissue_frac": arrays["tissue_frac"],
+        "embedding": arrays["embedding"], "outputs": arrays["outputs"], "weights": arrays["weights"],
+        "nmf_cluster": arrays["weights"].argmax(axis=1).astype(np.int16), "recon_err": err,
+        "thumb_jpeg": arrays["thumbs"],
+    }
+    if layout["has_probs"]:
+        tiles["probs"] = arrays["probs"]
+    for name in layout["extra_columns"]:
+        tiles[name] = arrays[name]
+    return tiles
+
+
+def _add_slide(w: AtlasWriter, rec: SlideRecord, path: Path, layout: dict[str, Any], cell_rows: int,
+               running: _Running, prototypes_per_cluster: int) -> None:
+    """Add one slide's part to the atlas: its slide row, its tiles when it succeeded, its maps when it has
+    any; cell_rows: cells per tile side at the hooked layer (a cell is tile_l0 / cell_rows px at level 0)."""
+    arrays, attrs = load_part(path)
+    cell_l0 = attrs["tile_l0"] / cell_rows if "tile_l0" in attrs else None
+    tiles = maps = None
+    if attrs.get("status", "failed") == "ok":
+        tiles = _tile_columns(arrays, layout)
+        running.sq_resid += float(arrays["sq_resid"].sum())
+        running.sq_norm += float(arrays["sq_norm"].sum())
+        # Tile indices are the atlas's: this slide's tiles start after those already written.
+        new = _proto_rows({"slide": len(w.slide_rows), "tile": arrays["proto_tile"] + w.n_tiles,
+                           **{c: arrays[f"proto_{c}"] for c in ("cluster", "weight", "cell_y", "cell_x", "crop")}})
+        running.protos = _choose_prototypes(running.protos + new, layout["k"], prototypes_per_cluster)
+    if "thumbnail" in arrays:
+        maps = {name: arrays[name] for name in ("thumbnail", "tissue", "soft", "hard", "gradcam",
+                                                "cell_tissue", "concept_cells") if name in arrays}
+    map_attrs = {"thumb_downsample": attrs.get("thumb_downsample"),
+                 "mask_downsample": attrs.get("mask_downsample"), "cell_l0": cell_l0,
+                 "warnings": attrs.get("warnings", [])}
+    w.add_slide(_slide_row(rec, attrs, cell_l0), meta=rec.meta, tiles=tiles, maps=maps, map_attrs=map_attrs)
+
+
+def _write_clusters(w: AtlasWriter, concepts: Concepts, running: _Running) -> float:
+    """Groups `clusters` (H (K, C), K x K euclidean distances and cosine similarities, the non-negativity
+    shift/scale) and `clusters/prototypes`. Returns the overall relative error ||V - WH||_F / ||V||_F
+    over every cell of every slide (NaN when no cell has any activation)."""
+    H = concepts.H
+    dist = np.sqrt(np.maximum(((H[:, None, :] - H[None, :, :]) ** 2).sum(-1), 0)).astype(np.float32)
+    Hn = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
+    cluster_arrays: dict[str, Any] = {"H": H, "distances": dist, "cosine_similarity": (Hn @ Hn.T).astype(np.float32)}
+    if concepts.shift is not None:
+        cluster_arrays.update(shift=concepts.shift, scale=concepts.scale)
+    overall_err = math.sqrt(running.sq_resid / running.sq_norm) if running.sq_norm else float("nan")
+    w.put_group("clusters", cluster_arrays, attrs={"k": H.shape[0], "relative_error": overall_err,
+                                                   "distance": "euclidean between rows of H"})
+    w.put_group("clusters/prototypes", _prototype_arrays(running.protos),
+                attrs={"crop": "cell plus one cell of context on each side, 96 px JPEG"})
+    return overall_err
+
+
+def build_atlas(out: Path, records: list[SlideRecord], part_paths: list[Path], concepts: Concepts,
+                cfg: RunConfig, root_attrs: dict, layer_hw: tuple[int, int],
+                say: Callable[[str], None], fidelity: Callable[[AtlasWriter], None] | None = None
+                ) -> dict[str, Any]:
+    """Write the atlas at `out` (atomically) from one part file per record (same order); layer_hw: the
+    hooked layer's cells per tile (rows, cols). Returns facts for the summary and run log (tiles, overall
+    relative error). `fidelity(writer)`, when given, adds the fidelity statistics once all tiles are written."""
+    k = concepts.H.shape[0]
+    layout = _writer_layout(part_paths, root_attrs, k)
+    running = _Running()
+    with AtlasWriter(out, attrs=root_attrs, **layout) as w:
+        for rec, path in zip(records, part_paths):
+            _add_slide(w, rec, path, layout, layer_hw[0], running, cfg.prototypes_per_cluster)
         say(f"clustering {w.n_tiles} tiles (k-means) and projecting them ({cfg.projection})")
         facts: dict[str, Any] = {"tiles": int(w.n_tiles)}
         _cluster_and_project(w, cfg, k)
-
-        H = concepts.H
-        dist = np.sqrt(np.maximum(((H[:, None, :] - H[None, :, :]) ** 2).sum(-1), 0)).astype(np.float32)
-        Hn = H / np.maximum(np.linalg.norm(H, axis=1, keepdims=True), 1e-12)
-        cluster_arrays: dict[str, Any] = {"H": H, "distances": dist, "cosine_similarity": (Hn @ Hn.T).astype(np.float32)}
-        if concepts.shift is not None:
-            cluster_arrays.update(shift=concepts.shift, scale=concepts.scale)
-        overall_err = math.sqrt(total_sq_resid / total_sq_norm) if total_sq_norm else float("nan")
-        w.put_group("clusters", cluster_arrays, attrs={"k": k, "relative_error": overall_err,
-                                                       "distance": "euclidean between rows of H"})
-        w.put_group("clusters/prototypes", _prototype_arrays(protos),
-                    attrs={"crop": "cell plus one cell of context on each side, 96 px JPEG"})
-        facts["relative_error"] = overall_err
+        facts["relative_error"] = _write_clusters(w, concepts, running)
         if fidelity is not None:
             say("fidelity: regressing the explained output on concept weights")
             fidelity(w)

@@ -12,39 +12,46 @@ from .cellmask import concept_tissue_flags
 from .store import Atlas
 
 
-def summarise(path: Path) -> dict[str, Any]:
-    """Everything `inspect` shows, as plain JSON-able values."""
+def _read(path: Path) -> dict[str, Any]:
+    """What the summary needs from the atlas, read in one open: root attrs, the slide table, the tile
+    columns present, the slide, NMF/k-means cluster and recon_err columns (n_tiles,), the clusters group
+    and its attrs, prototypes, projection attrs, the number of slides with maps, per-concept glass flags."""
     with Atlas(path) as atlas:
-        attrs = atlas.attrs
-        slides = atlas.slides()
-        n_tiles = atlas.n_tiles
-        k = atlas.k
         cols = atlas.tile_names()
-        tiles = atlas.tiles([c for c in ("slide", "nmf_cluster", "kmeans_cluster", "recon_err") if c in cols])
-        clusters = atlas.group("clusters")
-        cattrs = atlas.group_attrs("clusters")
-        protos = atlas.group("clusters/prototypes")
-        proj_attrs = atlas.tile_attrs("proj") if "proj" in cols else {}
-        n_maps = sum(atlas.slide_maps(i) is not None for i in range(atlas.n_slides))
-        on_glass = concept_tissue_flags((atlas.slide_map(i, "concept_cells") for i in range(atlas.n_slides)), k)
-        fmt = {"format": attrs.get("format"), "format_version": attrs.get("format_version")}
+        k = atlas.k
+        return {
+            "attrs": atlas.attrs, "slides": atlas.slides(), "n_tiles": atlas.n_tiles, "k": k, "cols": cols,
+            "tiles": atlas.tiles([c for c in ("slide", "nmf_cluster", "kmeans_cluster", "recon_err") if c in cols]),
+            "clusters": atlas.group("clusters"), "cattrs": atlas.group_attrs("clusters"),
+            "protos": atlas.group("clusters/prototypes"),
+            "proj_attrs": atlas.tile_attrs("proj") if "proj" in cols else {},
+            "n_maps": sum(atlas.slide_maps(i) is not None for i in range(atlas.n_slides)),
+            "on_glass": concept_tissue_flags((atlas.slide_map(i, "concept_cells") for i in range(atlas.n_slides)), k),
+        }
 
-    diag = [d or "(none)" for d in slides["diagnosis"]]
-    status = list(slides["status"])
+
+def _by_diagnosis(diag: list[str], status: list[str], tiles_per_slide: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per diagnosis: slides, how many ended ok / no_tissue / failed, and tiles."""
     by_diag: dict[str, dict[str, int]] = {}
-    tiles_per_slide = slides["n_tiles"]
     for d, s, n in zip(diag, status, tiles_per_slide):
         row = by_diag.setdefault(d, {"slides": 0, "ok": 0, "no_tissue": 0, "failed": 0, "tiles": 0})
         row["slides"] += 1
         row[s] = row.get(s, 0) + 1
         row["tiles"] += int(n)
+    return by_diag
+
+
+def _cluster_rows(r: dict[str, Any], diag: list[str]) -> list[dict[str, Any]]:
+    """One row per NMF concept (1-based `cluster`): tiles it dominates, their share of all tiles and count per
+    diagnosis, its prototypes, and where its map cells lie (glass and tissue-edge shares, the flag)."""
+    tiles, protos, on_glass = r["tiles"], r["protos"], r["on_glass"]
     nmf = tiles.get("nmf_cluster", np.zeros(0, int))
     slide_diag = np.array(diag, dtype=object)
-    cluster_rows = []
-    for c in range(k):
+    rows = []
+    for c in range(r["k"]):
         members = nmf == c
         diag_counts = Counter(slide_diag[tiles["slide"][members]]) if members.any() else Counter()
-        cluster_rows.append({
+        rows.append({
             "cluster": c + 1, "tiles": int(members.sum()),
             "share": float(members.mean()) if len(nmf) else 0.0,
             "by_diagnosis": dict(sorted(diag_counts.items())),
@@ -52,9 +59,18 @@ def summarise(path: Path) -> dict[str, Any]:
             "map_cells": on_glass[c]["cells"], "glass_share": on_glass[c]["glass_share"],
             "edge_share": on_glass[c]["edge_share"], "on_glass_or_edges": on_glass[c]["flag"],
         })
+    return rows
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain JSON-able values."""
+    r = _read(path)
+    attrs, slides, tiles, n_tiles = r["attrs"], r["slides"], r["tiles"], r["n_tiles"]
+    diag = [d or "(none)" for d in slides["diagnosis"]]
+    status = list(slides["status"])
     km = tiles.get("kmeans_cluster")
     return {
-        **fmt,
+        "format": attrs.get("format"), "format_version": attrs.get("format_version"),
         "file": str(path),
         "tool_version": attrs.get("tool_version"),
         "created_utc": attrs.get("created_utc"),
@@ -66,18 +82,19 @@ def summarise(path: Path) -> dict[str, Any]:
         "device": attrs.get("device"),
         "config": attrs.get("config", {}),
         "slides": {"total": len(status), "ok": status.count("ok"), "no_tissue": status.count("no_tissue"),
-                   "failed": status.count("failed"), "with_maps": n_maps,
+                   "failed": status.count("failed"), "with_maps": r["n_maps"],
                    "failures": [{"slide_id": i, "error": e} for i, s, e in
                                 zip(slides["slide_id"], status, slides["error"]) if s == "failed"]},
-        "by_diagnosis": by_diag,
+        "by_diagnosis": _by_diagnosis(diag, status, slides["n_tiles"]),
         "tiles": int(n_tiles),
-        "tile_columns": cols,
-        "clusters": {"k": k, "relative_error": cattrs.get("relative_error"), "nmf": cluster_rows,
+        "tile_columns": r["cols"],
+        "clusters": {"k": r["k"], "relative_error": r["cattrs"].get("relative_error"),
+                     "nmf": _cluster_rows(r, diag),
                      "kmeans_sizes": [int((km == c).sum()) for c in range(int(km.max()) + 1)] if km is not None
                      and len(km) else [],
-                     "distances": np.asarray(clusters.get("distances", np.zeros((0, 0)))).round(4).tolist()},
+                     "distances": np.asarray(r["clusters"].get("distances", np.zeros((0, 0)))).round(4).tolist()},
         "fit": attrs.get("fit", {}),
-        "projection": proj_attrs,
+        "projection": r["proj_attrs"],
         "mean_tile_recon_err": float(np.mean(tiles["recon_err"])) if "recon_err" in tiles and n_tiles else None,
     }
 
