@@ -10,12 +10,17 @@ path can also come from the LUMEN_ATLAS environment variable. See docs/dashboard
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 import streamlit as st
 
-from dashboard import links, naming, state
+if __name__ == "app":  # imported by `streamlit run` before Streamlit's runtime exists (the st.App at the end):
+    # each cache then logs that it keeps its entries in memory, which it always does here; keep it quiet.
+    logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
+
+from dashboard import links, naming, state, warm
 from dashboard.guard import atlas_guard, show
 from dashboard.data import AtlasFormatError, load
 from dashboard.views import cluster, enrichment, fidelity, overview, slide
@@ -80,3 +85,6 @@ def main() -> None:
 
 if __name__ == "__main__":  # `streamlit run` (and AppTest) run the script as __main__
     main()
+elif __name__ == "app":  # `streamlit run` imports this file as module `app` to serve the st.App below
+    # Streamlit's own server with a start-up hook: the atlas is read before the first browser connects.
+    app = st.App(__file__, lifespan=warm.lifespan)

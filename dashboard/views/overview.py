@@ -165,6 +165,15 @@ def _points(key: str, dx: tuple[str, ...], n_points: int, labels: tuple[str, ...
     })
 
 
+def prepare(data: AtlasData) -> None:
+    """Fill the caches of the default overview (all diagnoses, coloured by concept) and validate its chart
+    once (Altair loads its schema on the first validation): called at server start, see dashboard/warm.py."""
+    if data.proj is None or data.n == 0 or data.proj_nonfinite:
+        return
+    png, pts, ext, _ = _layers(data, "nmf", 0, (), raster.DEFAULT_POINTS)
+    ui.styled(_scatter_chart(data, png, pts, ext, "nmf", 0)).to_dict()
+
+
 def _layers(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_points: int):
     """Density PNG, points table (with the colouring's column), extent, number of filtered tiles."""
     png, ext, n_shown = _density(data.key, mode, output, dx, data)

@@ -1,0 +1,52 @@
+"""Server start: read the atlas and prepare the first page before the first browser connects.
+
+`streamlit run dashboard/app.py` finds the `st.App` in app.py and starts it with this lifespan hook, so
+the atlas read (seconds at 10^6 tiles) and Altair's first chart validation happen while the server starts,
+not while the first person in the meeting waits. Every cache filled here is the one the pages use
+(Streamlit's caches are per process). A failure here is only logged: the page shows the atlas's own
+message when someone opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from typing import AsyncIterator
+
+# Streamlit warns once when a cached function runs outside a page; at server start that is the point.
+_CONTEXT_LOG = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context")
+
+
+def prepare(path: str) -> float:
+    """Read the atlas at `path` into the app's cache and draw the default overview off-screen.
+    Returns the seconds it took."""
+    from .data import load
+    from .views import overview
+
+    t0 = time.perf_counter()
+    level = _CONTEXT_LOG.level
+    _CONTEXT_LOG.setLevel(logging.ERROR)
+    try:
+        overview.prepare(load(path))
+    finally:
+        _CONTEXT_LOG.setLevel(level)
+    return time.perf_counter() - t0
+
+
+@contextlib.asynccontextmanager
+async def lifespan(_app) -> AsyncIterator[None]:
+    """st.App lifespan: warm the caches (in a thread, so the event loop stays free) before serving."""
+    from .app import atlas_argument  # the same argument parsing as the page script
+
+    path = atlas_argument(sys.argv[1:])
+    if path:
+        try:
+            seconds = await asyncio.to_thread(prepare, path)
+            print(f"  Lumen: atlas read and first page prepared in {seconds:.1f} s.", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - any failure is the page's to report, with its own message
+            print("  Lumen: the atlas could not be read at start; the page says why when opened.",
+                  file=sys.stderr, flush=True)
+    yield

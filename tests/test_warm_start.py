@@ -1,0 +1,49 @@
+"""The server reads the atlas when it starts, so the first person to open the dashboard does not wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from streamlit.web.server.app_discovery import discover_asgi_app
+
+from dashboard import data as data_mod
+from dashboard import warm
+from dashboard_fixtures import APP, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
+
+
+def test_streamlit_run_serves_the_app_with_its_start_hook():
+    found = discover_asgi_app(Path(APP))  # what `streamlit run dashboard/app.py` does before serving
+    assert found.is_asgi_app and found.import_string == "app:app"
+
+
+def test_the_first_page_uses_the_atlas_read_at_start(dash_atlas, monkeypatch):
+    opened = []
+    real_open = data_mod.AtlasData.open.__func__
+
+    def counting_open(cls, path, key=""):
+        opened.append(Path(path))
+        return real_open(cls, path, key)
+
+    monkeypatch.setattr(data_mod.AtlasData, "open", classmethod(counting_open))
+    data_mod._load.clear()
+    assert warm.prepare(str(dash_atlas)) >= 0
+    assert opened == [Path(dash_atlas)]
+    at = run_app(dash_atlas, monkeypatch, lambda at: None, page="overview")
+    assert not at.exception and at.get("vega_lite_chart")
+    assert opened == [Path(dash_atlas)]  # the page found the atlas in the cache: no second read
+
+
+def test_a_bad_atlas_at_start_leaves_the_message_to_the_page(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "not-an-atlas.h5"
+    bad.write_bytes(b"plain text, not HDF5")
+    monkeypatch.setattr("sys.argv", ["app.py", "--atlas", str(bad)])
+
+    async def start_and_stop():
+        async with warm.lifespan(None):
+            pass
+
+    asyncio.run(start_and_stop())  # the server still starts
+    assert "the page says why" in capsys.readouterr().err
+    at = run_app(bad, monkeypatch, lambda at: None)
+    assert "not-an-atlas.h5" in " ".join(e.value for e in at.error)
