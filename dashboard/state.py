@@ -6,7 +6,7 @@ the current page stay in the URL, so switching pages and back keeps them.
 
 Parameters: page (overview, cluster, slides, enrichment, fidelity), dx (diagnosis filter, repeated),
 color, algo, output, cluster (1-based), slide (slide id), layer, opacity (0-100), soft (1-based
-concept), tile (global tile row), target, min_share.
+concept), tile (global tile row), target, min_share, tab (the open tab of a page with tabs).
 """
 
 from __future__ import annotations
@@ -69,6 +69,22 @@ def bound(widget: Callable, label: str, name: str, *, default: Any, options: lis
         value = widget(label, key=key, **kwargs)
     write(name, list(value) if multi else value)
     return value
+
+
+def tabs(name: str, labels: dict[str, str], *, default: str) -> tuple[str, Any]:
+    """st.tabs bound to URL param `name` that tracks which tab is open, so a page draws only that tab's
+    content (a page's charts and galleries cost the browser most of its time; see bench/README.md).
+
+    labels: URL value -> tab label, in display order. Returns (URL value of the open tab, its container).
+    """
+    key = widget_key(name)
+    by_label = {label: value for value, label in labels.items()}
+    if st.session_state.get(key) not in by_label:  # first draw, or the parameter of another page's tabs
+        st.session_state[key] = labels.get(st.query_params.get(name), labels[default])
+    boxes = st.tabs(list(labels.values()), key=key, on_change="rerun")
+    value = by_label[st.session_state[key]]
+    write(name, value)
+    return value, boxes[list(labels).index(value)]
 
 
 def get(name: str, default: Any = None, parse: Callable[[Any], Any] = str) -> Any:

@@ -126,7 +126,7 @@ def test_overview_brush_selects_tiles_and_shows_gallery(page, server):
 
 
 def test_select_a_cluster(page, server):
-    open_view(page, server, "?page=overview")
+    open_view(page, server, "?page=overview&tab=concepts")
     bars = page.locator('[data-testid="stVegaLiteChart"]').filter(has_text="click a bar to open the concept")
     bar = bars.locator('path[aria-label*="concept: C3"]').first
     bar.scroll_into_view_if_needed()
@@ -139,6 +139,10 @@ def test_select_a_cluster(page, server):
     choose(page, "Concept", "C2")
     page.wait_for_selector("text=Tiles where C2 dominates", timeout=TIMEOUT_MS)
     assert param(page, "cluster") == ["2"]
+    page.get_by_role("tab", name="Slides and distances").click()  # only the open tab is drawn
+    page.get_by_text("Prevalence per slide").wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_url(re.compile(r"[?&]tab=slides(&|$)"), timeout=TIMEOUT_MS)
+    idle(page)
     page.get_by_text("Prevalence per slide").scroll_into_view_if_needed()
     check(page, "cluster-C2")
     prevalence = page.locator('[data-testid="stVegaLiteChart"]').filter(has_text="click a bar to open the slide")
@@ -193,6 +197,11 @@ def test_permalink_reopens_the_same_view(page, browser, server):
     idle(page)
     choose(page, "Concept", "C4")
     page.wait_for_url(re.compile(r"[?&]cluster=4"), timeout=TIMEOUT_MS)
+    idle(page)
+    page.get_by_role("tab", name="Composition and outputs").click()
+    page.wait_for_url(re.compile(r"[?&]tab=composition(&|$)"), timeout=TIMEOUT_MS)
+    page.get_by_text("Model outputs on its tiles").wait_for(timeout=TIMEOUT_MS)
+    idle(page)
     link = page.url
     assert param(page, "dx") == ["malignant"] and param(page, "cluster") == ["4"]
     check(page, "permalink-source")
@@ -206,6 +215,8 @@ def test_permalink_reopens_the_same_view(page, browser, server):
     expect(side.get_by_role("radio", name="Cluster")).to_be_checked(timeout=TIMEOUT_MS)
     expect(side.get_by_text("malignant")).to_be_visible(timeout=TIMEOUT_MS)
     assert selected(other, "Concept") == "C4"
+    expect(other.get_by_role("tab", name="Composition and outputs")).to_have_attribute("aria-selected", "true")
+    expect(other.get_by_text("Model outputs on its tiles")).to_be_visible(timeout=TIMEOUT_MS)
     check(other, "permalink-reopened")
     side.get_by_text("Overview", exact=True).click()  # the colouring came with the link too
     other.get_by_text("All tiles", exact=True).wait_for(timeout=TIMEOUT_MS)

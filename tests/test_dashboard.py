@@ -21,6 +21,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard_fixtures import APP, REPO, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
 from precompute.store import Atlas
+from dashboard.views import cluster
 
 PAGES = ("overview", "cluster", "slides", "enrichment")
 
@@ -136,7 +137,8 @@ def test_overview_summary_and_scatter(dash_atlas, atlas_info, monkeypatch):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Slides"] == "11" and metrics["Tiles"] == f"{atlas_info['n']:,}"
     assert metrics["Failed"] == "1" and metrics["No tissue"] == "1"
-    cohort = at.dataframe[0].value.set_index("diagnosis")
+    assert not at.dataframe  # the cohort table is in its own tab, drawn only when opened
+    cohort = open_app(dash_atlas, monkeypatch, tab="cohort").dataframe[0].value.set_index("diagnosis")
     assert cohort.loc["squamous", ["slides", "ok", "no_tissue", "failed"]].tolist() == [3, 1, 1, 1]
     assert cohort["tiles"].sum() == atlas_info["n"]
     pts = points_of(at)  # a small atlas: every tile is a point
@@ -179,7 +181,15 @@ def test_cluster_page_for_every_concept(dash_atlas, atlas_info, monkeypatch):
         assert at.query_params["cluster"] in (str(k), [str(k)])
         metric = next(m for m in at.metric if m.label.startswith("Tiles where"))
         assert metric.label == f"Tiles where C{k} dominates" and metric.value == f"{int((nmf == k - 1).sum()):,}"
-        assert len(at.get("vega_lite_chart")) >= 5  # composition, outputs x2, prevalence, distances x2
+        assert not at.get("vega_lite_chart")  # the first tab holds galleries only
+        for tab, charts in (("composition", 3), ("slides", 3), ("tiles", 0)):  # the open tab's charts
+            at.session_state["url_tab"] = cluster.TABS[tab]
+            at.run()
+            assert_clean(at)
+            assert at.query_params["tab"] in (tab, [tab])
+            assert len(at.get("vega_lite_chart")) == charts, (k, tab)
+    at.session_state["url_tab"] = cluster.TABS["composition"]
+    at.run()
     for by in ("meta.subtype", "patient", "diagnosis"):
         at.selectbox(key="url_by").select(by).run()
         assert_clean(at)
@@ -417,7 +427,7 @@ def test_every_page_has_downloads(dash_atlas, monkeypatch):
 
 
 def test_json_attrs_are_shown(dash_atlas, monkeypatch):
-    at = open_app(dash_atlas, monkeypatch)
+    at = open_app(dash_atlas, monkeypatch, tab="cohort")
     assert "capricorn-crc" in " ".join(m.value for m in at.markdown)
     assert any("precompute" in c.value for c in at.code)
     assert json.loads(at.json[0].value)["config"]["k"] == 6

@@ -23,6 +23,8 @@ from ..fidelity import NOT_COMPUTED_CAM, FidelityError, direction, fmt, fmt_cam,
 N_TYPICAL = 24
 N_PROTOTYPES = 16
 N_SLIDES_SHOWN = 40
+TABS = {"tiles": "Prototypes and typical tiles", "composition": "Composition and outputs",
+        "slides": "Slides and distances"}
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
@@ -44,22 +46,24 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     _metrics(data, k, slide_ok, tile_ok, members)
     _fidelity(data, k)
     _on_glass(data, k)
-
-    left, right = st.columns(2)
-    with left:
-        _prototypes(data, k, slide_ok)
-    with right:
-        _typical(data, k, members)
-    left, right = st.columns(2)
-    with left:
-        _composition(data, k, slide_ok)
-    with right:
-        _outputs(data, k, tile_ok, members)
-    left, right = st.columns(2)
-    with left:
-        _prevalence(data, k, slide_ok)
-    with right:
-        _distances(data, k)
+    tab, box = state.tabs("tab", TABS, default="tiles")  # only the open tab is drawn
+    with box:
+        left, right = st.columns(2)
+        if tab == "tiles":
+            with left:
+                _prototypes(data, k, slide_ok)
+            with right:
+                _typical(data, k, members)
+        elif tab == "composition":
+            with left:
+                _composition(data, k, slide_ok)
+            with right:
+                _outputs(data, k, tile_ok, members)
+        else:
+            with left:
+                _prevalence(data, k, slide_ok)
+            with right:
+                _distances(data, k)
 
 
 def _metrics(data, k, slide_ok, tile_ok, members) -> None:

@@ -16,16 +16,22 @@ from ..guard import guarded
 from ..colors import VIRIDIS_HEX, concept_colors, concept_label, diagnosis_colors
 from ..data import AtlasData
 
+TABS = {"tiles": "All tiles", "concepts": "Concepts", "cohort": "Cohort and method"}
 COLOR_MODES = {"nmf": "NMF concept", "kmeans": "k-means cluster", "diagnosis": "Diagnosis",
                "slide": "Slide", "output": "Model output"}
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
     st.header("Overview")
-    _summary(data)
-    st.divider()
-    _scatter(data, diagnoses)
-    _concept_sizes(data, diagnoses)
+    _headline(data)
+    tab, box = state.tabs("tab", TABS, default="tiles")  # only the open tab is drawn
+    with box:
+        if tab == "tiles":
+            _scatter(data, diagnoses)
+        elif tab == "concepts":
+            _concept_sizes(data, diagnoses)
+        else:
+            _cohort_and_method(data)
 
 
 # -- summary ------------------------------------------------------------------------------
@@ -45,8 +51,9 @@ def cohort_table(data: AtlasData) -> pd.DataFrame:
     return t.reset_index()
 
 
-def _summary(data: AtlasData) -> None:
-    a, cfg, s = data.attrs, data.attrs.get("config", {}) or {}, data.slides
+def _headline(data: AtlasData) -> None:
+    """Counts of slides, tiles and concepts, and the model and layer in one line."""
+    a, s = data.attrs, data.slides
     status = s["status"].value_counts()
     cols = st.columns(5)
     cols[0].metric("Slides", f"{len(s):,}")
@@ -54,11 +61,15 @@ def _summary(data: AtlasData) -> None:
     cols[2].metric("Concepts (K)", data.k)
     cols[3].metric("No tissue", int(status.get("no_tissue", 0)))
     cols[4].metric("Failed", int(status.get("failed", 0)))
-    shape = a.get("layer_shape", [])
-    shape = " × ".join(str(v) for v in shape) if isinstance(shape, list) else str(shape)
+    shape = _layer_shape(a)
     st.markdown(f"Model **`{a.get('model_source', '?')}`**, layer **`{a.get('layer', '?')}`** ({shape}), "
                 f"{len(data.output_names)} outputs ({data.out_label}); computed {a.get('created_utc', '?')} "
                 f"on {a.get('device', '?')}.")
+
+
+def _cohort_and_method(data: AtlasData) -> None:
+    a, cfg, s = data.attrs, data.attrs.get("config", {}) or {}, data.slides
+    shape = _layer_shape(a)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Cohort")
@@ -91,6 +102,11 @@ def _summary(data: AtlasData) -> None:
         st.code(a.get("command_line", ""), language="bash", wrap_lines=True)
         with st.expander("Full configuration"):
             st.json({"config": cfg, "fit": fit}, expanded=False)
+
+
+def _layer_shape(attrs: dict) -> str:
+    shape = attrs.get("layer_shape", [])
+    return " × ".join(str(v) for v in shape) if isinstance(shape, list) else str(shape)
 
 
 def _nmf_error(data: AtlasData) -> str:
@@ -252,7 +268,6 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
 @guarded
 def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
     """Scatter, brush and gallery; a fragment, so brushing reruns only this part of the page."""
-    st.subheader("All tiles")
     if data.proj is None or data.n == 0:
         st.info("This atlas has no 2-D projection of its tiles (or no tiles), so there is no scatter to show.")
         return
@@ -331,7 +346,6 @@ def _selection(data: AtlasData, diagnoses: list[str], event) -> None:
 
 
 def _concept_sizes(data: AtlasData, diagnoses: list[str]) -> None:
-    st.subheader("Concepts")
     mask = data.slide_mask(diagnoses)
     w = data.slide_weight[mask].sum(axis=0)
     n = data.slide_count[mask].sum(axis=0)
