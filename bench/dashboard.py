@@ -8,7 +8,8 @@
 2. Starts `streamlit run dashboard/app.py` on it, drives Debian's Chromium with Playwright and reports
    the time to first render (page load -> scatter drawn, cold = the atlas is read, warm = a second
    browser session), the latency of each interaction (action -> result drawn and the script idle),
-   and the server's peak resident memory (VmHWM).
+   the server's start (until it answers: it reads the atlas and prepares the overview first, see
+   dashboard/warm.py) and its peak resident memory (VmHWM).
 
     .venv/bin/python bench/dashboard.py                       # build (once) + measure
     .venv/bin/python bench/dashboard.py --tiles 200000 --slides 400
@@ -163,7 +164,7 @@ def _timed(page, action, done_selector: str) -> float:
 def measure(atlas: Path, repeats: int = 3, points: int | None = None) -> dict:
     with dashboard_server(atlas) as srv, chromium() as browser:
         url = srv["url"]
-        res: dict = {"interactions": {}}
+        res: dict = {"server_start_s": round(srv["start_s"], 3), "interactions": {}}
         context = browser.new_context(viewport={"width": 1920, "height": 1080})  # one HTTP cache
         for label in ("first_render_cold_s", "first_render_warm_s"):
             # cold: server reads the atlas, browser fetches Streamlit's scripts; warm: both cached
@@ -245,6 +246,9 @@ def _interactions(page) -> dict:
         box = chart.bounding_box()
         chart.click(position={"x": box["width"] * 0.55, "y": box["height"] * 0.45})
 
+    def tab(label: str):
+        return lambda: page.get_by_role("tab", name=label, exact=True).click()
+
     def button(label: str):
         def act():
             b = page.get_by_role("button", name=label, exact=True)
@@ -269,8 +273,11 @@ def _interactions(page) -> dict:
     return {
         "brush_select_and_gallery": (brush, "text=Selection:"),
         "colour_by_diagnosis": (select("Colour by", "Diagnosis"), "url:color=diagnosis"),
+        "open_concepts_tab": (tab("Concepts"), "url:tab=concepts"),
         "open_cluster_page": (radio("Cluster"), "text=Concept drill-down"),
         "change_concept": (select("Concept", "C3"), "text=Tiles where C3 dominates"),
+        "cluster_composition_tab": (tab("Composition and outputs"), "url:tab=composition"),
+        "cluster_slides_tab": (tab("Slides and distances"), "url:tab=slides"),
         "open_slides_page": (radio("Slides"), "text=Soft map of every concept, and the model output"),
         "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept, and the model output"),
         "click_tile": (click_tile, "text=Top outputs:"),

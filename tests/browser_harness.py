@@ -49,7 +49,7 @@ def free_port() -> int:
 def dashboard_server(atlas: Path, *app_args: str, log: Path | None = None,
                      startup_s: float = 120) -> Iterator[dict]:
     """Run the dashboard on `atlas` (extra script arguments after it, e.g. --notes FILE); yields
-    {url, port, pid}. Raises RuntimeError (with the log's tail) when the server exits or never answers."""
+    {url, port, pid, start_s: seconds until it answered, the atlas read at start included}. Raises RuntimeError (with the log's tail) when the server exits or never answers."""
     port = free_port()
     out = open(log, "w") if log else subprocess.DEVNULL
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
@@ -57,8 +57,9 @@ def dashboard_server(atlas: Path, *app_args: str, log: Path | None = None,
                              str(port), "--", "--atlas", str(atlas), *app_args],
                             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + startup_s
+        deadline = started + startup_s
         while True:  # poll the health endpoint: the server is up when it answers
             try:
                 urllib.request.urlopen(url + "/_stcore/health", timeout=1)
@@ -68,7 +69,7 @@ def dashboard_server(atlas: Path, *app_args: str, log: Path | None = None,
                     tail = log.read_text()[-2000:] if log else ""
                     raise RuntimeError(f"the dashboard did not start (exit {proc.poll()}): {tail}")
                 time.sleep(0.5)
-        yield {"url": url, "port": port, "pid": proc.pid}
+        yield {"url": url, "port": port, "pid": proc.pid, "start_s": time.monotonic() - started}
     finally:
         proc.terminate()
         proc.wait(timeout=30)

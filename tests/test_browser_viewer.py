@@ -258,6 +258,8 @@ def test_scatter_point_opens_its_tile_outlined(page, server, atlas, dash_atlas):
     check(page, "scatter-point-picked")
     page.locator(".st-key-gal_pick_open_0 button").first.click()
     page.wait_for_function("() => location.search.includes('page=slides')", timeout=TIMEOUT_MS)
+    # the click reruns the scatter's fragment, which then reruns the whole app: wait for the slide page
+    page.get_by_text("Soft map of every concept, and the model output").wait_for(timeout=TIMEOUT_MS)
     idle(page)
     row = int(param(page, "tile")[0])
     assert param(page, "slide") == ["cmu"]
