@@ -127,8 +127,9 @@ def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, w
     for n, (img, cap, r) in enumerate(zip(images, caps, rows)):
         with grid[n % cols]:
             st.image(img, caption=cap, width=width)
+            # no hover help: a tooltip per button costs the browser more than the label needs
             st.button("Open on slide", key=f"{key}_open_{n}", on_click=open_tile, args=(data, int(r)),
-                      icon=":material/open_in_new:", help="Open its slide at this tile, outlined")
+                      icon=":material/open_in_new:")
 
 
 def rows_height(n: int, per: int = 40, extra: int = 100) -> int:
