@@ -182,12 +182,16 @@ def _points(key: str, dx: tuple[str, ...], n_points: int, labels: tuple[str, ...
 
 
 def prepare(data: AtlasData) -> None:
-    """Fill the caches of the default overview (all diagnoses, coloured by concept) and validate its chart
-    once (Altair loads its schema on the first validation): called at server start, see dashboard/warm.py."""
+    """Fill the scatter's caches for every colouring of the whole cohort (about 0.4 s each at 10^6 tiles)
+    and validate the default chart once (Altair loads its schema on the first validation): called at
+    server start, see dashboard/warm.py."""
     if data.proj is None or data.n == 0 or data.proj_nonfinite:
         return
     png, pts, ext, _ = _layers(data, "nmf", 0, (), raster.DEFAULT_POINTS)
     ui.styled(_scatter_chart(data, png, pts, ext, "nmf", 0)).to_dict()
+    for mode in COLOR_MODES:
+        if mode != "kmeans" or data.kmeans is not None:
+            _layers(data, mode, data.default_output if mode == "output" else 0, (), raster.DEFAULT_POINTS)
 
 
 def _layers(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_points: int):
