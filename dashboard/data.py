@@ -23,7 +23,7 @@ import streamlit as st
 from precompute.explained import default_output
 from precompute.store import Atlas, AtlasFormatError, damaged
 
-from .colors import concept_label
+from .labels import concept_label
 
 NO_DIAGNOSIS = "(none)"
 

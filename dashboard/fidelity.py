@@ -21,8 +21,8 @@ from precompute.explained import DEFAULT_TEXT
 from precompute.report import report_dict
 from precompute.store import Atlas
 
-from .colors import concept_label
 from .data import AtlasData, file_key
+from .labels import concept_label
 
 UP, DOWN, NONE = "pushes the prediction up", "pushes the prediction down", "no effect"
 NOT_COMPUTED_CAM = "GradCAM was not computed: re-run with --gradcam"

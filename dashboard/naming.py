@@ -8,7 +8,7 @@ only when the dashboard was started with one:
 Without `--notes`, the default notes file beside the atlas (ATLAS.notes.json) is shown read-only when
 it exists, and the editing controls are replaced by a line saying how to enable them. Every run
 reads the file again (it is small), so a name saved in one browser shows in every other at its next
-interaction; names reach every page through `colors.concept_label`.
+interaction; names reach every page through `labels.concept_label`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import streamlit as st
 from precompute import notes as nm
 from precompute.meeting_report import build_report
 
-from .colors import set_concept_names
 from .data import AtlasData
+from .labels import set_concept_names
 
 
 @dataclass

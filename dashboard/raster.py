@@ -14,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from .colors import rgb, viridis
+from precompute.colors import rgb, viridis
 
 MAX_POINTS = 20_000     # hard cap on points drawn
 DEFAULT_POINTS = 10_000  # default: keeps re-colouring under a second in a software-rendered browser

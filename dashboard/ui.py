@@ -12,8 +12,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from .colors import concept_colors, concept_label, legend_html
+from precompute.colors import concept_colors
+
 from .data import AtlasData
+from .labels import concept_label, legend_html
 from .tile_link import open_tile
 
 GALLERY_MAX = 60

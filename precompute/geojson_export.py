@@ -4,8 +4,9 @@ Per slide one FeatureCollection in level-0 pixel coordinates (origin top left, y
 convention), written to DIR/<slide_id>.geojson. The hard map's cells of one concept are merged
 into polygons (4-connected cells make one polygon, holes kept); each polygon is a QuPath annotation
 whose `classification` is the concept's name (from the notes file, else C1..CK) and colour (the
-dashboard's palette, as [r, g, b]), with measurements: the mean soft weight of the concept over the
-polygon's cells, the number of cells and the area in um^2 (when the slide's pixel size is known).
+dashboard's palette, precompute/colors.py, as [r, g, b]), with measurements: the mean soft weight of
+the concept over the polygon's cells, the number of cells and the area in um^2 (when the slide's pixel
+size is known).
 Cells are clipped to the slide's level-0 size. Geometry by shapely; no torch.
 """
 
@@ -21,10 +22,9 @@ import numpy as np
 import shapely
 from scipy import ndimage
 
-from dashboard.colors import concept_color, rgb
-
 from . import notes as notes_mod
 from .atomic import atomic_path
+from .colors import concept_color, rgb
 from .store import Atlas
 
 

@@ -7,8 +7,8 @@ settings, the meeting note, the concepts at a glance, fidelity, then per concept
 prototypes, composition by diagnosis with slide counts, enrichment and fidelity line; example slides
 with their cluster map, legend and scale bar; the atlas sha256 and the date. All text that comes from
 the atlas or the notes is HTML-escaped. Reads through `precompute.store.Atlas`; no torch. Colours,
-overlays and the enrichment definitions are the dashboard's (pure numpy/PIL modules), so the report
-shows what the meeting saw.
+overlays and the enrichment definitions are the ones the dashboard uses (precompute/colors.py,
+overlay.py, enrichment.py: numpy, pandas and PIL), so the report shows what the meeting saw.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dashboard import overlay
-from dashboard.colors import concept_color
-from dashboard.enrichment import by_diagnosis, enrichment_table
-
 from . import notes as notes_mod
+from . import overlay
 from .atomic import atomic_path
+from .colors import concept_color
+from .enrichment import by_diagnosis, enrichment_table
 from .hashing import sha256_file
 from .images import encode_image
 from .report import report_dict
@@ -270,7 +269,7 @@ def draw_scale_bar(img: Image.Image, um_per_px: float) -> Image.Image:
     """Draw a scale bar (about a fifth of the width, a round number of um or mm) at the bottom left."""
     length_um = nice_length(img.width * 0.2 * um_per_px)
     bar = max(1, round(length_um / um_per_px))
-    font, has_mu = overlay._font(14)  # the dashboard viewer's font: DejaVu when present (Pillow's has no µ)
+    font, has_mu = overlay.label_font(14)  # the dashboard viewer's font: DejaVu when present (Pillow's has no µ)
     text = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} {'µm' if has_mu else 'um'}"
     draw = ImageDraw.Draw(img)
     tw = draw.textlength(text, font=font)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from dashboard import viewport as vp
-from dashboard.colors import concept_lut
+from precompute.colors import concept_lut
 from dashboard.links import fingerprint
 from dashboard_fixtures import DATA, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
 from precompute.store import Atlas

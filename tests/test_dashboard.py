@@ -308,7 +308,7 @@ def _independent_enrichment(tiles: pd.DataFrame, target: str, min_share: float) 
 @pytest.mark.parametrize("target", ["benign", "malignant"])
 def test_enrichment_table_matches_an_independent_computation(dash_atlas, atlas_info, target):
     from dashboard.data import AtlasData
-    from dashboard.enrichment import enrichment_table
+    from precompute.enrichment import enrichment_table
     t, s = atlas_info["tiles"], atlas_info["slides"]
     tiles = pd.DataFrame(t["weights"], columns=[f"w{j}" for j in range(atlas_info["k"])])
     tiles["slide"] = t["slide"]
@@ -323,7 +323,7 @@ def test_enrichment_table_matches_an_independent_computation(dash_atlas, atlas_i
 
 
 def test_enrichment_flags_a_dominating_slide():
-    from dashboard.enrichment import by_diagnosis, enrichment_table
+    from precompute.enrichment import by_diagnosis, enrichment_table
     # 3 slides of "a": concept 0 lives almost only on slide 0; 2 slides of "b"; one empty (failed) slide
     w = np.array([[90.0, 10.0], [1.0, 9.0], [1.0, 9.0], [2.0, 8.0], [2.0, 8.0], [0.0, 0.0]])
     d = np.array(["a", "a", "a", "b", "b", "a"])
@@ -373,8 +373,8 @@ def test_brush_is_resolved_against_all_tiles():
 
 
 def test_overlay_geometry():
-    from dashboard import overlay
-    from dashboard.colors import concept_color, concept_lut, rgb
+    from precompute import overlay
+    from precompute.colors import concept_color, concept_lut, rgb
     hard = np.array([[0, 1], [2, 3]], np.uint8)  # cell side 100 level-0 px; thumbnail 4 level-0 px per px
     rgba = overlay.grid_to_thumb(overlay.hard_rgba(hard, 3), 100, 4, (40, 60))  # grid covers 50 x 50 px
     assert rgba.shape == (60, 40, 4)
@@ -392,7 +392,7 @@ def test_overlay_geometry():
 
 
 def test_concept_colours_are_fixed():
-    from dashboard.colors import concept_color, concept_colors
+    from precompute.colors import concept_color, concept_colors
     assert concept_colors(6) == [concept_color(k) for k in range(6)]
     assert concept_colors(8)[:6] == concept_colors(6)  # K does not change a concept's colour
     assert len(set(concept_colors(20))) == 20

@@ -1,6 +1,6 @@
 """Layer rules: torch only in the model and engine modules; the atlas, the report, the exports and the
-dashboard load neither torch nor scikit-learn's NMF stack; the package's modules import one way (no
-cycles). Static checks read the source with ast; runtime checks import in a fresh interpreter."""
+dashboard load neither torch nor scikit-learn's NMF stack; precompute imports nothing from the dashboard;
+the package's modules import one way (no cycles). Static checks read the source with ast; runtime checks import in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def test_only_model_and_engine_modules_import_torch():
     importers = {name for name, deps in raw.items() if {d.split(".")[0] for d in deps} & TORCH_PACKAGES}
     assert importers <= TORCH_ALLOWED, f"torch imported outside the model and engine modules: {importers - TORCH_ALLOWED}"
     assert not any(name.startswith("dashboard") for name in importers)
+
+
+def _dashboard_imports(raw: dict[str, set[str]]) -> dict[str, list[str]]:
+    """precompute modules -> the dashboard modules they import (none may: the dashboard is one reader
+    of the atlas among the report and the exports, and the run must not depend on it)."""
+    found = {name: sorted(d for d in deps if d.split(".")[0] == "dashboard")
+             for name, deps in raw.items() if name.split(".")[0] == "precompute"}
+    return {name: deps for name, deps in found.items() if deps}
+
+
+def test_precompute_imports_nothing_from_the_dashboard(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import dashboard.labels\nfrom dashboard import ui\n\ndef f():\n    from dashboard.data import AtlasData\n")
+    assert _dashboard_imports({"precompute.probe": _imports("precompute.probe", probe, {})}) == {
+        "precompute.probe": ["dashboard", "dashboard.data", "dashboard.labels"]}
+    raw, _ = _graph()
+    assert _dashboard_imports(raw) == {}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -139,7 +139,7 @@ def test_fingerprint_names_the_atlas():
 def test_blend_is_the_alpha_formula():
     """overlay.blend: base under rgba at an opacity, rounded as out = (base(255-a) + c a + 127) // 255
     with a = alpha x opacity (the formula computed here in numpy, the code composites with Pillow)."""
-    from dashboard.overlay import blend
+    from precompute.overlay import blend
 
     rng = np.random.default_rng(1)
     base = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

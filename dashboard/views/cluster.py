@@ -14,11 +14,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import naming, overlay, state, ui
-from ..colors import concept_color, concept_label, diagnosis_colors, legend_html
+from precompute import overlay
+from precompute.colors import concept_color, diagnosis_colors
+from precompute.enrichment import slide_shares
+
+from .. import naming, state, ui
 from ..data import AtlasData
-from ..enrichment import slide_shares
 from ..fidelity import NOT_COMPUTED_CAM, FidelityError, direction, fmt, fmt_cam, glass_flags, glass_warning, report
+from ..labels import concept_label, legend_html
 
 N_TYPICAL = 24
 N_PROTOTYPES = 16

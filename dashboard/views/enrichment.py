@@ -1,6 +1,6 @@
 """Diagnosis enrichment: rank concepts by how much more of the weight they hold on slides of one
 diagnosis than on the others, with slide-level counts so that one slide cannot dominate unnoticed.
-Computed over the slides in the diagnosis filter (see dashboard/enrichment.py for the definitions).
+Computed over the slides in the diagnosis filter (see precompute/enrichment.py for the definitions).
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import html
 import altair as alt
 import streamlit as st
 
+from precompute.enrichment import by_diagnosis, enrichment_table
+
 from .. import state, ui
-from ..colors import concept_label
 from ..data import AtlasData
-from ..enrichment import by_diagnosis, enrichment_table
+from ..labels import concept_label
 
 DOMINANCE = 0.5  # flag a concept when one slide holds more than this part of its target weight
 

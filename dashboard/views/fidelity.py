@@ -16,11 +16,11 @@ import pandas as pd
 import streamlit as st
 
 from .. import ui
-from ..colors import concept_label
 from ..data import AtlasData
 from ..fidelity import (AGREEMENT_MEASURES, DOWN, GRID_MEASURES, NOT_COMPUTED_CAM, UP, FidelityError, agreement_long,
                         cam_long, cam_table, concept_table, cv_band, fmt, grid_long, grid_table, how_chosen,
                         regression_table, report)
+from ..labels import concept_label
 
 TARGET_HELP = ("What of the output is explained: log-odds (one-vs-rest log(p / (1 - p))), logit (raw score) or "
                "contrast (logit minus the mean of the other logits). Chosen with --target when the atlas was computed.")

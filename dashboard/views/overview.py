@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from precompute.colors import VIRIDIS_HEX, concept_colors, diagnosis_colors
+
 from .. import raster, state, ui
 from ..guard import guarded
-from ..colors import VIRIDIS_HEX, concept_colors, concept_label, diagnosis_colors
 from ..data import AtlasData
+from ..labels import concept_label
 
 TABS = {"tiles": "All tiles", "concepts": "Concepts", "cohort": "Cohort and method"}
 COLOR_MODES = {"nmf": "NMF concept", "kmeans": "k-means cluster", "diagnosis": "Diagnosis",

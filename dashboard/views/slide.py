@@ -18,9 +18,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import overlay, raster, state, ui, viewport as vp
-from ..colors import VIRIDIS_HEX, concept_color, concept_label, legend_html
+from precompute import overlay
+from precompute.colors import VIRIDIS_HEX, concept_color
+
+from .. import raster, state, ui, viewport as vp
 from ..data import AtlasData
+from ..labels import concept_label, legend_html
 from ..pixels import Pixels
 from ..tile_link import set_view as _set_view, slide_size
 

@@ -1,5 +1,7 @@
 """Slide images: cluster map, soft concept maps and model-output maps laid over the thumbnail.
 
+Shared by the atlas's readers: the dashboard's slide viewer and the HTML meeting report.
+
 Geometry: level-0 px = thumbnail px * thumb_downsample; cluster-map cell (i, j) covers level-0
 [j * cell_l0, (j+1) * cell_l0) x [i * cell_l0, (i+1) * cell_l0). Everything is numpy + PIL.
 """
@@ -11,9 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from precompute.images import encode_image
-
 from .colors import concept_lut, rgb, viridis
+from .images import encode_image
 
 
 def grid_to_thumb(grid: np.ndarray, cell_l0: float, thumb_downsample: float, size: tuple[int, int],
@@ -91,7 +92,7 @@ def upscale(img: np.ndarray, width: int) -> np.ndarray:
     return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
 
 
-def _font(size: int):
+def label_font(size: int):
     """(font, has µ): DejaVu Sans Bold when the system has it, else Pillow's built-in font (no µ glyph)."""
     from PIL import ImageFont
 
@@ -114,7 +115,7 @@ def annotate_view(img: np.ndarray, outline: tuple[float, float, float] | None, b
         d.rectangle((u - 3, v - 3, u + side + 2, v + side + 2), outline="white", width=3)
         d.rectangle((u - 1, v - 1, u + side, v + side), outline="black", width=3)
     h, w = img.shape[:2]
-    font, micro = _font(17)
+    font, micro = label_font(17)
     bar_label = bar_label if micro else bar_label.replace("µ", "u")
     x0, y = w / 2 - bar_px / 2, h - 34
     d.rectangle((x0 - 4, y - 4, x0 + bar_px + 4, y + 6), fill="white")
@@ -129,7 +130,7 @@ def legend_png(img: np.ndarray, kind: str, payload, title: str) -> bytes:
     from PIL import ImageDraw
 
     h, w = img.shape[:2]
-    font, micro = _font(15)
+    font, micro = label_font(15)
     title = title if micro else title.replace("µ", "u")
     sheet = Image.new("RGB", (w, h + 64), "white")
     sheet.paste(Image.fromarray(img), (0, 0))

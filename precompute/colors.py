@@ -1,12 +1,11 @@
-"""One fixed palette: concept k has the same colour on every chart, overlay and legend.
+"""One fixed palette: concept k has the same colour on every chart, overlay, legend and export
+(the dashboard, the HTML meeting report and the GeoJSON export all take their colours from here).
 
 Concepts (NMF clusters, 0-based k) use CONCEPT[k % 20]; k-means clusters reuse it by index.
 Diagnoses use a separate palette in sorted-name order. Continuous values use a viridis ramp.
 """
 
 from __future__ import annotations
-
-import html
 
 import numpy as np
 
@@ -18,22 +17,6 @@ CONCEPT = [  # Tableau 10, then their light partners (distinct from the diagnosi
 DIAGNOSIS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 NO_TISSUE = (0, 0, 0, 0)  # transparent
 _VIRIDIS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]
-
-
-_NAMES: list[str] = []  # concept names of the notes file in use (one atlas and notes file per server)
-
-
-def set_concept_names(labels: list[str] | None) -> None:
-    """Labels for NMF concepts from the notes file (`precompute.notes.labels`); None = 'C1'..'CK'."""
-    _NAMES[:] = list(labels or [])
-
-
-def concept_label(k: int, prefix: str = "C") -> str:
-    """Display name of 0-based cluster k: its name from the notes file, else 'C1' for NMF concept 0
-    (1-based like `precompute inspect`). k-means clusters (another prefix) are never named."""
-    if prefix == "C" and 0 <= int(k) < len(_NAMES):
-        return _NAMES[int(k)]
-    return f"{prefix}{int(k) + 1}"
 
 
 def concept_color(k: int) -> str:
@@ -72,12 +55,3 @@ def viridis(values: np.ndarray) -> np.ndarray:
 
 
 VIRIDIS_HEX = _VIRIDIS
-
-
-def legend_html(labels: list[str], colors: list[str]) -> str:
-    """Inline colour chips for st.markdown(..., unsafe_allow_html=True)."""
-    chips = [f'<span style="display:inline-block;margin-right:1.2em;white-space:nowrap">'
-             f'<span style="display:inline-block;width:1em;height:1em;background:{c};'
-             f'border:1px solid #444;vertical-align:middle;margin-right:.35em"></span>{html.escape(str(lab))}</span>'
-             for lab, c in zip(labels, colors)]
-    return "".join(chips)
