@@ -27,6 +27,7 @@ from .config import RunConfig
 from .correlation import cam_cluster_correlation
 from .models import find_layer
 from .parts import part_name, save_part
+from .sampling import CELL_STREAM, generator
 from .stitching import CellCanvas, PrototypeHeap
 from .tile_stream import SlideEnd, SlideFailed, SlideJob, SlidePlan, TileBatch, TileStream
 
@@ -85,7 +86,7 @@ class _SlideCalibration:
         self.plan = plan
         self.m = min(cells_per_tile, n_cells)
         self.n_cells = n_cells
-        self.rng = np.random.default_rng([seed, plan.index])
+        self.rng = generator(seed, plan.slide_id, CELL_STREAM)  # by the slide's id, not its place in the cohort
         self.cells: list[np.ndarray] = []
         self.min = np.inf
 

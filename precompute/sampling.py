@@ -1,6 +1,7 @@
 """One row sampler for the whole job: calibration tiles per slide, NMF and k-means fit samples, the
-projection's fit sample, the K grid's cells. Seeded by the run's seed and, where a sample belongs to
-one slide, by a full sha256 of the slide id."""
+projection's fit sample, the K grid's cells; and the generator of the calibration's cells within each
+sampled tile. Seeded by the run's seed and, where a sample belongs to one slide, by a full sha256 of
+the slide id (never by the slide's place in the cohort, so reordering a manifest changes no sample)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import numpy as np
 from .hashing import id_words
 
 
-def generator(seed: int, key: str | None = None) -> np.random.Generator:
-    """numpy Generator for `seed`, or for (seed, all bytes of key) when a key (a slide id) is given."""
-    return np.random.default_rng(int(seed) if key is None else [int(seed), *id_words(key)])
+CELL_STREAM = 1  # a slide's calibration cells within its sampled tiles (stream 0 chose those tiles)
+
+
+def generator(seed: int, key: str | None = None, stream: int = 0) -> np.random.Generator:
+    """numpy Generator for `seed`, or for (seed, all bytes of key) when a key (a slide id) is given.
+
+    stream > 0 gives an independent generator of the same (seed, key), for a second draw of one
+    slide that must not reuse the random bits of its first (its tiles); stream 0 is the plain one.
+    """
+    entropy = int(seed) if key is None else [int(seed), *id_words(key)]
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(int(stream),) if stream else ()))
 
 
 def sample_rows(n: int, size: int, seed: int, key: str | None = None) -> np.ndarray:

@@ -42,6 +42,7 @@ class SlidePlan:
     """What a worker learnt about a slide before reading its tiles."""
 
     index: int
+    slide_id: str
     width: int
     height: int
     mpp: float | None
@@ -115,7 +116,7 @@ class TileStream(IterableDataset):
                 rows = sample_rows(n_all, job.sample_tiles, cfg.seed, key=rec.slide_id) if job.sample_tiles else \
                     np.arange(n_all, dtype=np.int64)
                 yield SlidePlan(
-                    index=job.index, width=plan.width, height=plan.height, mpp=plan.mpp,
+                    index=job.index, slide_id=rec.slide_id, width=plan.width, height=plan.height, mpp=plan.mpp,
                     mpp_source=plan.mpp_source, warnings=plan.warnings, coords=grid.coords[rows], rows=rows,
                     n_tissue_tiles=n_all, tissue_frac=grid.tissue_frac[rows], grid_index=grid.grid_index[rows],
                     grid_shape=tuple(grid.grid_shape), tile_l0=float(grid.tile_l0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from precompute.hashing import id_words, sha256_file
-from precompute.sampling import sample_rows
+from precompute.sampling import CELL_STREAM, generator, sample_rows
 
 
 def test_sample_is_seeded_sorted_and_without_replacement():
@@ -25,6 +25,17 @@ def test_slide_ids_sharing_a_long_prefix_get_their_own_sample():
     assert not np.array_equal(s1, s2)
     assert np.array_equal(s1, sample_rows(5000, 48, seed=0, key=dx1))
     assert not np.array_equal(sample_rows(5000, 48, seed=0, key=dx1[:-1] + "f"), s1)  # the last byte counts too
+
+
+def test_the_cell_stream_of_a_slide_is_its_own():
+    """The calibration's cells of a slide are drawn from a second stream of (seed, slide id): repeatable, not
+    the random bits that chose its tiles, and not another slide's."""
+    dx1 = "TCGA-A6-2671-01Z-00-DX1.85dcd7ac-a3f9-4be6-99b8-5a6a0a8a2a7e"
+    cells = generator(0, dx1, CELL_STREAM).integers(0, 2**32, 16)
+    assert np.array_equal(cells, generator(0, dx1, CELL_STREAM).integers(0, 2**32, 16))
+    assert not np.array_equal(cells, generator(0, dx1).integers(0, 2**32, 16))
+    assert not np.array_equal(cells, generator(0, dx1[:-1] + "f", CELL_STREAM).integers(0, 2**32, 16))
+    assert not np.array_equal(cells, generator(1, dx1, CELL_STREAM).integers(0, 2**32, 16))
 
 
 def test_hash_helpers(tmp_path):

@@ -75,3 +75,25 @@ def test_a_loaded_plan_gives_the_tiles_a_fresh_one_gives(tmp_path):
                 assert _same(getattr(a, name), getattr(b, name)) and _same(getattr(a, name), getattr(c, name)), name
         elif hasattr(a, "pixels"):
             assert a.pixels.equal(b.pixels) and a.pixels.equal(c.pixels) and a.thumbs == b.thumbs == c.thumbs
+
+
+def test_calibration_cells_follow_the_slide_id_not_its_place_in_the_cohort(tmp_path):
+    """The same slides listed in the opposite order get the same calibration tiles and cells per slide."""
+    from precompute.parts import load_part
+
+    manifest = write_blob_cohort(tmp_path / "cohort", n_slides=2, blank=False, broken=False)
+    rows = manifest.read_text().splitlines()
+    reversed_manifest = tmp_path / "reversed.csv"
+    reversed_manifest.write_text("\n".join([rows[0], *rows[:0:-1]]) + "\n")
+    cells = {}
+    for name, m in (("listed", manifest), ("reversed", reversed_manifest)):
+        out = tmp_path / f"{name}.h5"
+        assert _run(m, out, calib_cells_per_tile=4) == 0
+        for part in (tmp_path / f"{name}.h5.parts" / "calibration").glob("*.h5"):
+            arrays, attrs = load_part(part)
+            cells[name, attrs["slide_id"]] = arrays
+    assert sorted(sid for name, sid in cells if name == "listed") == ["s0", "s1"]
+    for sid in ("s0", "s1"):
+        listed, reordered = cells["listed", sid], cells["reversed", sid]
+        assert np.array_equal(listed["coords"], reordered["coords"])
+        assert len(listed["cells"]) == 4 * len(listed["coords"]) and np.array_equal(listed["cells"], reordered["cells"])
