@@ -9,9 +9,7 @@ path can also come from the LUMEN_ATLAS environment variable. See docs/dashboard
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 
 import streamlit as st
@@ -21,6 +19,7 @@ if __name__ == "app":  # imported by `streamlit run` before Streamlit's runtime 
     logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
 
 from dashboard import links, naming, state, warm
+from dashboard.launch import atlas_argument
 from dashboard.guard import atlas_guard, show
 from dashboard.data import AtlasFormatError, load
 from dashboard.views import cluster, enrichment, fidelity, overview, slide
@@ -38,14 +37,6 @@ CSS = """<style>
 </style>"""
 
 USAGE = "streamlit run dashboard/app.py -- --atlas path/to/atlas.h5"
-
-
-def atlas_argument(argv: list[str]) -> str | None:
-    """`--atlas PATH` from the script arguments (after `--`), else $LUMEN_ATLAS."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--atlas")
-    args, _ = parser.parse_known_args([a for a in argv if a != "--"])
-    return args.atlas or os.environ.get("LUMEN_ATLAS")
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import AsyncIterator
 
+from .launch import atlas_argument
+
 # Streamlit warns once when a cached function runs outside a page; at server start that is the point.
 _CONTEXT_LOG = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context")
 
@@ -39,8 +41,6 @@ def prepare(path: str) -> float:
 @contextlib.asynccontextmanager
 async def lifespan(_app) -> AsyncIterator[None]:
     """st.App lifespan: warm the caches (in a thread, so the event loop stays free) before serving."""
-    from .app import atlas_argument  # the same argument parsing as the page script
-
     path = atlas_argument(sys.argv[1:])
     if path:
         try:

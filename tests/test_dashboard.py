@@ -107,7 +107,7 @@ def test_missing_and_unusable_files_show_a_message(tmp_path, monkeypatch):
 
 
 def test_atlas_argument_after_double_dash(monkeypatch):
-    from dashboard.app import atlas_argument
+    from dashboard.launch import atlas_argument
     monkeypatch.delenv("LUMEN_ATLAS", raising=False)
     assert atlas_argument(["--", "--atlas", "demo/atlas.h5"]) == "demo/atlas.h5"
     assert atlas_argument(["--atlas", "a.h5", "--other"]) == "a.h5"
