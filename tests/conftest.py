@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "precompute", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def copy_without_fidelity(atlas: Path, dest: Path) -> Path:
+    """A copy of `atlas` at `dest` without its fidelity group, as an older run (or one with no output to
+    explain) leaves it."""
+    shutil.copy(atlas, dest)
+    with h5py.File(dest, "r+") as f:
+        if "fidelity" in f:
+            del f["fidelity"]
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -85,3 +85,32 @@ def run_app(atlas, monkeypatch, check, **params):
     at.run()
     check(at)
     return at
+
+
+def assert_clean(at) -> None:
+    """The page ran without an exception."""
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def open_app(atlas, monkeypatch, **params):
+    """`run_app` that fails on any exception of the page."""
+    return run_app(atlas, monkeypatch, assert_clean, **params)
+
+
+def assert_pages_import_no_torch(atlas: Path, pages: tuple[str, ...]) -> None:
+    """Each page runs on `atlas` in a fresh interpreter without torch ever being imported."""
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"os.environ['LUMEN_ATLAS'] = {str(atlas)!r}\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"for page in {tuple(pages)!r}:\n"
+        f"    at = AppTest.from_file({APP!r}, default_timeout=120)\n"
+        "    at.query_params['page'] = page\n"
+        "    at.run()\n"
+        "    assert not at.exception, [e.value for e in at.exception]\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+        "print('no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0 and "no torch" in proc.stdout, proc.stdout + proc.stderr

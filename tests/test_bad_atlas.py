@@ -187,12 +187,19 @@ def test_validator_names_the_damaged_item(case, damaged):
 
 
 # -- inspect and report -----------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
-def test_inspect_exits_2_with_the_message(case, damaged):
+# What each command does not read: a damage there leaves the command working.
+NOT_READ = {"inspect": "proj", "report": "maps"}
+REPORT_CASES = ["truncated", "no_tiles_weights", "weights_5x2", "config_not_json", "format_version_string",
+                "no_hard_map"]
+
+
+@pytest.mark.parametrize("command, case", [("inspect", c) for c in CASES] + [("report", c) for c in REPORT_CASES])
+def test_command_exits_2_with_the_message(command, case, damaged):
+    """`inspect` for every case, `report` (whose body is checked for every case below) for a few."""
     path = damaged[case]
-    proc = cli("inspect", str(path))
+    proc = cli(command, str(path))
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    if CASES[case][1] == "proj":
+    if CASES[case][1] == NOT_READ[command]:
         assert proc.returncode == 0 and "32 tiles" in proc.stdout, proc.stderr
         return
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
@@ -202,7 +209,7 @@ def test_inspect_exits_2_with_the_message(case, damaged):
 
 @pytest.mark.parametrize("case", CASES)
 def test_report_refuses_what_it_cannot_read(case, damaged):
-    """report_dict (the command's body) for every case; the command itself for a few (below)."""
+    """report_dict (the command's body) for every case; the command itself for a few (above)."""
     from precompute.report import report_dict
 
     path = damaged[case]
@@ -212,19 +219,6 @@ def test_report_refuses_what_it_cannot_read(case, damaged):
     with pytest.raises(AtlasFormatError) as info:
         report_dict(path)
     assert_names(str(info.value), path, case)
-
-
-@pytest.mark.parametrize("case", ["truncated", "no_tiles_weights", "weights_5x2", "config_not_json",
-                                  "format_version_string", "no_hard_map"])
-def test_report_command(case, damaged):
-    path = damaged[case]
-    proc = cli("report", str(path))
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    if CASES[case][1] == "maps":
-        assert proc.returncode == 0 and "32 tiles" in proc.stdout, proc.stderr
-        return
-    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stderr)
-    assert_names(proc.stderr, path, case)
 
 
 @pytest.mark.parametrize("case", ["weights_5x2", "no_hard_map"])

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_fixtures import APP, REPO, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
+from dashboard_fixtures import (REPO, assert_clean, assert_pages_import_no_torch, dash_atlas,  # noqa: F401
+                                open_app)  # (dash_atlas is a fixture)
 from precompute.store import Atlas
 from dashboard.views import cluster
 
@@ -27,15 +26,6 @@ PAGES = ("overview", "cluster", "slides", "enrichment")
 
 
 # -- helpers --------------------------------------------------------------------------------
-def open_app(atlas: Path | str | None, monkeypatch, **params) -> AppTest:
-    """Run the app once on `atlas` with the given query parameters; fail on any exception."""
-    return run_app(atlas, monkeypatch, assert_clean, **params)
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
 def chart_tables(at: AppTest, index: int = 0) -> list[pd.DataFrame]:
     """The data sets shipped to the browser with the index-th Vega-Lite chart."""
     proto = at.get("vega_lite_chart")[index].proto
@@ -68,21 +58,7 @@ def test_launch_config_binds_localhost_without_telemetry():
 
 def test_dashboard_imports_no_torch(dash_atlas):
     """Every page runs in a fresh interpreter without torch ever being imported."""
-    code = (
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        f"os.environ['LUMEN_ATLAS'] = {str(dash_atlas)!r}\n"
-        "from streamlit.testing.v1 import AppTest\n"
-        f"for page in {PAGES!r}:\n"
-        f"    at = AppTest.from_file({APP!r}, default_timeout=120)\n"
-        "    at.query_params['page'] = page\n"
-        "    at.run()\n"
-        "    assert not at.exception, [e.value for e in at.exception]\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
-        "assert not bad, bad\n"
-        "print('no torch')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0 and "no torch" in proc.stdout, proc.stdout + proc.stderr
+    assert_pages_import_no_torch(dash_atlas, PAGES)
 
 
 # -- error pages --------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_fixtures import APP, BREAKHIS_ROWS, DATA, REPO, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
+from conftest import copy_without_fidelity
+from dashboard_fixtures import (BREAKHIS_ROWS, DATA, REPO, assert_pages_import_no_torch, dash_atlas,  # noqa: F401
+                                run_app)  # (dash_atlas is a fixture)
 from generated import write_review_cohort
 from precompute.report import report_dict
 
@@ -100,6 +102,7 @@ def _write_atlas(path: Path, slides: list[tuple[str, str, str]], fidelity: bool,
 
 # -- helpers --------------------------------------------------------------------------------------
 def open_app(atlas: Path, monkeypatch, **params) -> AppTest:
+    """`run_app` that fails on any exception or error message of the page."""
     return run_app(atlas, monkeypatch, assert_clean, **params)
 
 
@@ -194,16 +197,7 @@ def test_page_with_stored_fidelity_and_gradcam(fid_atlas, monkeypatch):
 @pytest.fixture()
 def atlas_without_fidelity(dash_atlas, tmp_path):
     """The test atlas as an older run (or one with no output to explain) leaves it: no fidelity group."""
-    import shutil
-
-    import h5py
-
-    path = tmp_path / "no-fidelity.h5"
-    shutil.copy(dash_atlas, path)
-    with h5py.File(path, "r+") as f:
-        if "fidelity" in f:
-            del f["fidelity"]
-    return path
+    return copy_without_fidelity(dash_atlas, tmp_path / "no-fidelity.h5")
 
 
 def test_page_computes_on_the_fly_without_a_fidelity_group(atlas_without_fidelity, monkeypatch):
@@ -315,18 +309,4 @@ def test_wording_helpers():
 
 
 def test_fidelity_and_cluster_pages_import_no_torch(fid_atlas):
-    code = (
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        f"os.environ['LUMEN_ATLAS'] = {str(fid_atlas)!r}\n"
-        "from streamlit.testing.v1 import AppTest\n"
-        "for page in ('fidelity', 'cluster'):\n"
-        f"    at = AppTest.from_file({APP!r}, default_timeout=120)\n"
-        "    at.query_params['page'] = page\n"
-        "    at.run()\n"
-        "    assert not at.exception, [e.value for e in at.exception]\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
-        "assert not bad, bad\n"
-        "print('no torch')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0 and "no torch" in proc.stdout, proc.stdout + proc.stderr
+    assert_pages_import_no_torch(fid_atlas, ("fidelity", "cluster"))

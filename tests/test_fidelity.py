@@ -7,7 +7,6 @@ every statistic is checked against an independent numpy / scipy / scikit-learn c
 from __future__ import annotations
 
 import csv
-import shutil
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold
 
-from conftest import DATA, run_cli
+from conftest import DATA, copy_without_fidelity, run_cli
 from generated import write_review_cohort
 from precompute.correlation import cam_cluster_correlation, pearson_rows, summarise_cam_correlation
 from precompute.explained import choose_output
@@ -355,12 +354,7 @@ def test_k_grid_on_real_cells(real, model_tiles):
 
 @pytest.fixture
 def atlas_without_fidelity(atlas_path, tmp_path) -> Path:
-    path = tmp_path / "plain.h5"
-    shutil.copy(atlas_path, path)
-    with h5py.File(path, "a") as f:
-        if "fidelity" in f:
-            del f["fidelity"]
-    return path
+    return copy_without_fidelity(atlas_path, tmp_path / "plain.h5")
 
 
 def test_report_without_fidelity_group_computes_the_regression(real, atlas_without_fidelity):

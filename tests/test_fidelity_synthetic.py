@@ -203,17 +203,12 @@ def test_per_tile_r_only_where_the_cam_has_enough_non_zero_cells(tiny_atlas):
     assert "pooled r, all cells" in text
 
 
-def test_repeated_grouped_cv_median_and_band(tiny_atlas):
-    """20 seeded shuffles of whole patients to 4 folds: median and 5-95 % band of the pooled out-of-fold
-    R^2, recomputed with scikit-learn; the report states them."""
-    t = _tiles(tiny_atlas)
-    z = t["outputs"].astype(np.float64)
-    y = z[:, TUM] - logsumexp(np.delete(z, TUM, axis=1), axis=1)
-    X = t["weights"].astype(np.float64)
-    names, codes = np.unique(t["patient"], return_inverse=True)
-    rng = np.random.default_rng(0)
+def _cv_r2s(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, repeats: int = 20) -> list[float]:
+    """Pooled out-of-fold R^2 of `repeats` seeded shuffles of whole groups to min(5, groups) folds."""
+    names, codes = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
     r2s = []
-    for _ in range(20):
+    for _ in range(repeats):
         fold_of = np.empty(len(names), int)
         fold_of[rng.permutation(len(names))] = np.arange(len(names)) % min(5, len(names))
         fold = fold_of[codes]
@@ -221,6 +216,17 @@ def test_repeated_grouped_cv_median_and_band(tiny_atlas):
         for f in np.unique(fold):
             oof[fold == f] = LinearRegression().fit(X[fold != f], y[fold != f]).predict(X[fold == f])
         r2s.append(r2_score(y, oof))
+    return r2s
+
+
+def test_repeated_grouped_cv_median_and_band(tiny_atlas):
+    """20 seeded shuffles of whole patients to 4 folds: median and 5-95 % band of the pooled out-of-fold
+    R^2, recomputed with scikit-learn; the report states them."""
+    t = _tiles(tiny_atlas)
+    z = t["outputs"].astype(np.float64)
+    y = z[:, TUM] - logsumexp(np.delete(z, TUM, axis=1), axis=1)
+    X = t["weights"].astype(np.float64)
+    r2s = _cv_r2s(X, y, t["patient"])
     reg = report_dict(tiny_atlas)["regression"]
     assert reg["n_repeats"] == 20
     assert reg["r2_cv_median"] == pytest.approx(np.median(r2s), abs=1e-9)
@@ -251,21 +257,6 @@ def test_dashboard_fidelity_page_names_the_target_band_and_agreement(tiny_atlas,
 
 
 # -- K grid: NMF against k-means with cells per cluster, calibration size ---------------------------
-def _cv_median(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, repeats: int = 20) -> float:
-    names, codes = np.unique(groups, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    r2s = []
-    for _ in range(repeats):
-        fold_of = np.empty(len(names), int)
-        fold_of[rng.permutation(len(names))] = np.arange(len(names)) % min(5, len(names))
-        fold = fold_of[codes]
-        oof = np.empty_like(y)
-        for f in np.unique(fold):
-            oof[fold == f] = LinearRegression().fit(X[fold != f], y[fold != f]).predict(X[fold == f])
-        r2s.append(r2_score(y, oof))
-    return float(np.median(r2s))
-
-
 def test_k_grid_uses_cells_per_cluster_for_k_means(tiny_atlas):
     """k_grid_cells on the model's own cells of every tile: k-means features are the number of each tile's
     cells in each cluster, NMF features the summed NNLS weights; recomputed with scikit-learn / scipy."""
@@ -296,7 +287,7 @@ def test_k_grid_uses_cells_per_cluster_for_k_means(tiny_atlas):
     assert counts.sum() == len(cells)
     fit = LinearRegression().fit(counts, y)
     assert grid["kmeans_r2"][0] == pytest.approx(fit.score(counts, y), abs=1e-9)
-    assert grid["kmeans_r2_cv"][0] == pytest.approx(_cv_median(counts, y, t["patient"]), abs=1e-9)
+    assert grid["kmeans_r2_cv"][0] == pytest.approx(np.median(_cv_r2s(counts, y, t["patient"])), abs=1e-9)
     H = sk_nmf(cells, 3, 0)
     W = np.stack([nnls(H.T.astype(np.float64), c.astype(np.float64))[0] for c in cells])
     sums = np.stack([W[tile == i].sum(0) for i in range(len(A))])

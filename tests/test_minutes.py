@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dashboard_fixtures import open_app
 from precompute import notes as nm
 from tiny_atlas import REPO, tiny_atlas  # noqa: F401  (tiny_atlas is a fixture)
-
-APP = str(REPO / "dashboard" / "app.py")
 
 
 def sha(path: Path) -> str:
@@ -30,20 +29,12 @@ def atlas(tiny_atlas, tmp_path) -> Path:
 
 
 def app(monkeypatch, atlas: Path, notes: Path | None = None, **params):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("LUMEN_ATLAS", str(atlas))
+    """The app on `atlas` with its notes file (None: the default beside the atlas); fails on any exception."""
     if notes is None:
         monkeypatch.delenv("LUMEN_NOTES", raising=False)
     else:
         monkeypatch.setenv("LUMEN_NOTES", str(notes))
-    monkeypatch.setattr(sys, "argv", ["app.py"])
-    at = AppTest.from_file(APP, default_timeout=120)
-    for key, value in params.items():
-        at.query_params[key] = value
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_app(atlas, monkeypatch, **params)
 
 
 def texts(at) -> str:
