@@ -8,6 +8,7 @@ from pathlib import Path
 from streamlit.web.server.app_discovery import discover_asgi_app
 
 from dashboard import data as data_mod
+from dashboard import fidelity
 from dashboard import warm
 from dashboard_fixtures import APP, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
 
@@ -17,21 +18,26 @@ def test_streamlit_run_serves_the_app_with_its_start_hook():
     assert found.is_asgi_app and found.import_string == "app:app"
 
 
-def test_the_first_page_uses_the_atlas_read_at_start(dash_atlas, monkeypatch):
-    opened = []
-    real_open = data_mod.AtlasData.open.__func__
+def test_the_pages_use_what_was_read_at_start(dash_atlas, monkeypatch):
+    opened, reported = [], []
+    real_open, real_report = data_mod.AtlasData.open.__func__, fidelity.report_dict
 
     def counting_open(cls, path, key=""):
         opened.append(Path(path))
         return real_open(cls, path, key)
 
     monkeypatch.setattr(data_mod.AtlasData, "open", classmethod(counting_open))
+    monkeypatch.setattr(fidelity, "report_dict", lambda path: reported.append(path) or real_report(path))
     data_mod._load.clear()
+    fidelity._report.clear()
     assert warm.prepare(str(dash_atlas)) >= 0
-    assert opened == [Path(dash_atlas)]
-    at = run_app(dash_atlas, monkeypatch, lambda at: None, page="overview")
-    assert not at.exception and at.get("vega_lite_chart")
-    assert opened == [Path(dash_atlas)]  # the page found the atlas in the cache: no second read
+    assert opened == [Path(dash_atlas)] and len(reported) == 1
+    for page in ("overview", "cluster"):
+        at = run_app(dash_atlas, monkeypatch, lambda at: None, page=page)
+        assert not at.exception and (at.get("vega_lite_chart") or page == "cluster")
+        assert any(m.label.startswith("Effect on") for m in at.metric) or page == "overview"
+    # the pages found the atlas and its fidelity figures in the caches: nothing read or computed again
+    assert opened == [Path(dash_atlas)] and len(reported) == 1
 
 
 def test_a_bad_atlas_at_start_leaves_the_message_to_the_page(tmp_path, monkeypatch, capsys):
