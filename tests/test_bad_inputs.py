@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
-from conftest import REPO
-from generated import write_disc_slide
+from conftest import DATA, REPO
+from generated import slide_pixels, write_disc_slide
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -464,11 +465,26 @@ def test_slide_without_tiles_says_what_tissue_was_found_and_what_to_change(kit, 
     no_traceback(out)
 
 
-def test_breakhis_images_without_tiles_say_the_tissue_found(kit, data_dir, tmp_path):
-    """Two BreakHis images whose detected tissue stays below the default --min-tissue in every tile."""
-    folder = data_dir / "cohort" / "breakhis"
-    rows = [(sid, folder / f"{sid}.png", "x") for sid in
-            ("SOB_B_TA-14-3411F-100-003", "SOB_M_MC-14-10147-100-001", "SOB_M_MC-14-10147-100-002")]
+@pytest.fixture
+def sparse_images(tmp_path) -> list[Path]:
+    """Two images whose detected tissue stays below the default --min-tissue in every 224-px tile, then one
+    with enough tissue: BreakHis images (700 x 460 px PNG) when ../shared/data is present, else generated
+    images of that size (three small stained ellipses on glass; the third the default generated tissue)."""
+    if DATA.is_dir():
+        folder = DATA / "cohort" / "breakhis"
+        return [folder / f"{sid}.png" for sid in
+                ("SOB_B_TA-14-3411F-100-003", "SOB_M_MC-14-10147-100-001", "SOB_M_MC-14-10147-100-002")]
+    paths = []
+    for seed, sparse in ((0, {"blobs": 3, "radii": (20, 35)}), (1, {"blobs": 3, "radii": (20, 35)}), (2, {})):
+        paths.append(tmp_path / f"gen-{seed}.png")
+        Image.fromarray(slide_pixels(seed, 700, 460, **sparse)).save(paths[-1])
+    return paths
+
+
+def test_images_without_tiles_say_the_tissue_found(kit, sparse_images, tmp_path):
+    """Images whose detected tissue stays below the default --min-tissue in every tile end as no tissue
+    and say how much tissue was found; the one with enough tissue is done."""
+    rows = [(path.stem, path, "x") for path in sparse_images]
     out_file = tmp_path / "a.h5"
     code, out = cli("run", "--cohort", manifest(tmp_path, rows), "--model", MODEL, "--out", out_file, "--mpp", "0.5",
                     "--tile-px", "224", *FAST)  # 224 px tiles, as the demo model uses

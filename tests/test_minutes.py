@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA
 from dashboard_fixtures import open_app
+from generated import write_slide
 from precompute import notes as nm
 from tiny_atlas import REPO, tiny_atlas  # noqa: F401  (tiny_atlas is a fixture)
 
@@ -80,12 +82,12 @@ def test_without_a_notes_file_names_are_read_only_with_how_to_enable(monkeypatch
     assert "stroma" in shown and "--notes" in shown and "read-only" in shown
 
 
-def run_cli(*args: str):
+def run_cli(*args: str, timeout: float = 300):
     import subprocess
 
     from tiny_atlas import cli_env
     return subprocess.run([sys.executable, "-m", "precompute", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=cli_env())
+                          timeout=timeout, env=cli_env())
 
 
 def test_report_html_carries_names_notes_and_the_atlas_sha256(atlas, tmp_path):
@@ -160,11 +162,26 @@ def check_geojson(atlas: Path, out: Path) -> int:
     return n
 
 
+@pytest.fixture(scope="module")
+def demo_model_atlas(request, tmp_path_factory) -> Path:
+    """A slide through the demo model (capricorn-crc, 224-px tiles): CMU-1-Small-Region.svs (conftest's
+    cmu_atlas) when ../shared/data is present, else a generated 1344 x 1120 px slide at 0.5 um/px."""
+    if DATA.is_dir():
+        return request.getfixturevalue("cmu_atlas")
+    folder = tmp_path_factory.mktemp("demo-model")
+    slide = write_slide(folder / "slide.tiff", seed=7, width=1344, height=1120, blobs=14)
+    out = folder / "atlas.h5"
+    proc = run_cli("run", "--cohort", str(slide), "--model", "capricorn-crc", "--out", str(out), "--workers", "1",
+                   "--no-progress", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
 @pytest.mark.slow
-def test_real_slide_geojson_and_report(cmu_atlas, tmp_path):
-    """CMU-1-Small-Region through the demo model: the export validates and the report has a scale bar."""
-    atlas = tmp_path / "cmu.h5"
-    shutil.copyfile(cmu_atlas, atlas)
+def test_demo_model_slide_geojson_and_report(demo_model_atlas, tmp_path):
+    """A slide through the demo model: the export validates and the report has a scale bar."""
+    atlas = tmp_path / "demo.h5"
+    shutil.copyfile(demo_model_atlas, atlas)
     proc = run_cli("export", str(atlas), "--geojson", str(tmp_path / "geo"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert check_geojson(atlas, tmp_path / "geo") > 0

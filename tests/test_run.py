@@ -17,8 +17,8 @@ import pytest
 
 from PIL import Image
 
-from conftest import REPO, run_cli
-from generated import slide_pixels, write_broken, write_slide
+from conftest import DATA, REPO, run_cli
+from generated import slide_pixels, write_broken, write_manifest, write_slide
 from precompute.store import Atlas
 
 
@@ -165,9 +165,22 @@ def test_breakhis_cohort_with_pixel_size_override(breakhis_atlas):
         assert atlas.n_tiles == int(sl["n_tiles"].sum()) > 32
 
 
-def test_breakhis_without_pixel_size_fails_every_slide(data_dir, tmp_path):
+@pytest.fixture
+def images_without_pixel_size(tmp_path) -> Path:
+    """Manifest of PNG images, which carry no pixel size: the BreakHis cohort when ../shared/data is
+    present, else three generated 448 x 448 px images."""
+    if DATA.is_dir():
+        return DATA / "cohort" / "breakhis" / "manifest.csv"
+    rows = []
+    for seed in range(3):
+        Image.fromarray(slide_pixels(seed, 448, 448)).save(tmp_path / f"s{seed}.png")
+        rows.append({"slide_id": f"s{seed}", "path": f"s{seed}.png", "diagnosis": "x"})
+    return write_manifest(tmp_path / "manifest.csv", rows)
+
+
+def test_images_without_pixel_size_fail_every_slide(images_without_pixel_size, tmp_path):
     out = tmp_path / "atlas.h5"
-    proc = run_cli("run", "--cohort", str(data_dir / "cohort" / "breakhis" / "manifest.csv"), "--model",
+    proc = run_cli("run", "--cohort", str(images_without_pixel_size), "--model",
                    "capricorn-crc", "--out", str(out), "--workers", "0", "--no-progress", "--calib-tiles", "1")
     assert proc.returncode == 3, proc.stderr
     assert "--mpp" in proc.stderr
