@@ -22,6 +22,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from . import interrupt
 from .cli_options import resolve, run_signature, split
 from .runlog import PassProgress, group_failures, make_console
 
@@ -112,7 +113,7 @@ def run_job(**values) -> int:
     command_line = " ".join(shlex.quote(a) for a in sys.argv)
     bars = PassProgress(console, enabled=progress and console.is_terminal)
     try:
-        with _output_lock(out, command_line), bars:
+        with interrupt.watched(), _output_lock(out, command_line), bars:
             summary = run_pipeline(cfg, records, loaded, out, concepts_from=concepts, explain=explain,
                                    say=console.print, progress=bars, command_line=command_line,
                                    dask=dask)

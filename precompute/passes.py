@@ -25,6 +25,7 @@ from .cohort import SlideRecord
 from .cellmask import cell_tissue_fraction, mask_glass
 from .config import RunConfig
 from .correlation import cam_cluster_correlation
+from .interrupt import check as check_interrupt
 from .models import find_layer
 from .parts import part_name, save_part
 from .sampling import CELL_STREAM, generator
@@ -280,6 +281,7 @@ def run_pass(kind: Pass, jobs: list[SlideJob], engine: Engine, folder: Path, key
         return stats
     works = {j.index: SlideWork(kind, j, folder, key) for j in jobs}
     for msg in stream_slides(TileStream(jobs, kind.cfg), kind.cfg.workers):
+        check_interrupt()
         outcome = works[msg.index].take(msg, engine, on_tiles)
         if outcome is not None:
             stats.add(outcome)
@@ -294,6 +296,7 @@ def run_slide(kind: Pass, job: SlideJob, engine: Engine, folder: Path, key: str,
     work = SlideWork(kind, job, folder, key)
     outcome = None
     for msg in prefetch(iter(TileStream([job], kind.cfg)), depth=2):
+        check_interrupt()
         outcome = work.take(msg, engine, on_tiles) or outcome
     assert outcome is not None
     return outcome
