@@ -35,12 +35,12 @@ def prepare(path: str) -> float:
     _CONTEXT_LOG.setLevel(logging.ERROR)
     try:
         data = load(path)
-        overview.prepare(data)
         fidelity.glass_flags(data)
         try:
             fidelity.report(data)
         except fidelity.FidelityError:
             pass  # the pages say why when they are opened
+        overview.prepare(data)
     finally:
         _CONTEXT_LOG.setLevel(level)
     return time.perf_counter() - t0

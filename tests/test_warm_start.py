@@ -11,6 +11,7 @@ from dashboard import data as data_mod
 from dashboard import fidelity
 from dashboard import warm
 from dashboard_fixtures import APP, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
+from synthetic_atlas import write_atlas
 
 
 def test_streamlit_run_serves_the_app_with_its_start_hook():
@@ -38,6 +39,14 @@ def test_the_pages_use_what_was_read_at_start(dash_atlas, monkeypatch):
         assert any(m.label.startswith("Effect on") for m in at.metric) or page == "overview"
     # the pages found the atlas and its fidelity figures in the caches: nothing read or computed again
     assert opened == [Path(dash_atlas)] and len(reported) == 1
+
+
+def test_a_cohort_scale_atlas_is_prepared(tmp_path, monkeypatch):
+    """More tiles than the scatter draws points (10,000), as in any real cohort."""
+    path = write_atlas(tmp_path / "big.h5", tiles_per_slide=(5000, 4000, 3000))
+    assert warm.prepare(str(path)) >= 0  # raised before: Altair refuses 10,000 rows outside a page
+    at = run_app(path, monkeypatch, lambda at: None, page="overview")
+    assert not at.exception and at.get("vega_lite_chart")
 
 
 def test_a_bad_atlas_at_start_leaves_the_message_to_the_page(tmp_path, monkeypatch, capsys):

@@ -190,7 +190,8 @@ def prepare(data: AtlasData) -> None:
     if data.proj is None or data.n == 0 or data.proj_nonfinite:
         return
     png, pts, ext, _ = _layers(data, "nmf", 0, (), raster.DEFAULT_POINTS)
-    ui.styled(_scatter_chart(data, png, pts, ext, "nmf", 0)).to_dict()
+    # a few rows suffice to validate the spec (outside a page, Altair refuses more than 5,000 rows)
+    ui.styled(_scatter_chart(data, png, pts.head(100), ext, "nmf", 0)).to_dict()
     for mode in COLOR_MODES:
         if mode != "kmeans" or data.kmeans is not None:
             _layers(data, mode, data.default_output if mode == "output" else 0, (), raster.DEFAULT_POINTS)
