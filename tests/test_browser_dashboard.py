@@ -172,9 +172,14 @@ def test_open_a_slide_and_click_a_tile(page, server):
     assert page.get_by_text("Top outputs:").is_visible()
     check(page, "slide-cmu-tile")
     choose(page, "Layer", "Soft map of one concept")
+    page.wait_for_url(re.compile(r"[?&]layer=soft(&|$)"), timeout=TIMEOUT_MS)  # each pick's rerun wrote it
     choose(page, "Concept", "C2")
+    page.wait_for_url(re.compile(r"[?&]soft=2(&|$)"), timeout=TIMEOUT_MS)
+    idle(page)
     check(page, "slide-cmu-soft-C2")
     choose(page, "Layer", "Model output")
+    page.wait_for_url(re.compile(r"[?&]layer=output(&|$)"), timeout=TIMEOUT_MS)
+    idle(page)
     assert param(page, "layer") == ["output"]
     check(page, "slide-cmu-output")
     open_view(page, server, "?page=slides&slide=broken")
