@@ -242,8 +242,11 @@ def _interactions(page) -> dict:
     def click_tile():
         # a locator click scrolls the chart into view and retries if a rerun replaced the element meanwhile
         chart = page.locator('[data-testid="stVegaLiteChart"]').first
-        chart.wait_for(state="visible")
-        box = chart.bounding_box()
+        for _ in range(5):  # a rerun can replace the chart between the wait and the box
+            chart.wait_for(state="visible")
+            box = chart.bounding_box()
+            if box:
+                break
         chart.click(position={"x": box["width"] * 0.55, "y": box["height"] * 0.45})
 
     def tab(label: str):
