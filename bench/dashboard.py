@@ -228,7 +228,9 @@ def _interactions(page) -> dict:
         page.mouse.move(x0, y0)
         page.mouse.down()
         page.mouse.move(x0 + box["width"] * 0.12, y0 + box["height"] * 0.15, steps=6)
+        t0 = time.perf_counter()  # the gesture is the user's; the app's time starts when it ends
         page.mouse.up()
+        return t0
 
     def select(label: str, option: str):
         def act():

@@ -14,6 +14,7 @@ import pytest
 
 from browser_harness import ARTIFACTS, chromium, dashboard_server, expect, missing_browser
 from browser_harness import idle as harness_idle
+from dashboard import ui
 from dashboard_fixtures import dash_atlas  # noqa: F401  (dash_atlas is a fixture)
 
 pytestmark = pytest.mark.browser
@@ -121,7 +122,7 @@ def test_overview_brush_selects_tiles_and_shows_gallery(page, server):
     n = int(re.search(r"Selection: ([0-9,]+) tiles", page.content()).group(1).replace(",", ""))
     assert n > 0
     gallery = page.locator('[data-testid="stImage"] img')
-    assert gallery.count() >= min(n, 60)
+    assert gallery.count() >= min(n, ui.GALLERY_MAX)
     check(page, "overview-brush-gallery")
 
 

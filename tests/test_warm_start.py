@@ -8,7 +8,7 @@ from pathlib import Path
 from streamlit.web.server.app_discovery import discover_asgi_app
 
 from dashboard import data as data_mod
-from dashboard import fidelity
+from dashboard import fidelity, raster
 from dashboard import warm
 from dashboard_fixtures import APP, dash_atlas, run_app  # noqa: F401  (dash_atlas is a fixture)
 from synthetic_atlas import write_atlas
@@ -42,7 +42,9 @@ def test_the_pages_use_what_was_read_at_start(dash_atlas, monkeypatch):
 
 
 def test_a_cohort_scale_atlas_is_prepared(tmp_path, monkeypatch):
-    """More tiles than the scatter draws points (10,000), as in any real cohort."""
+    """More tiles than the scatter draws points, as in any real cohort; with a default of 10,000 points,
+    more rows than Altair validates outside a page (5,000)."""
+    monkeypatch.setattr(raster, "DEFAULT_POINTS", 10_000)
     path = write_atlas(tmp_path / "big.h5", tiles_per_slide=(5000, 4000, 3000))
     assert warm.prepare(str(path)) >= 0  # raised before: Altair refuses 10,000 rows outside a page
     at = run_app(path, monkeypatch, lambda at: None, page="overview")
