@@ -41,8 +41,8 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         st.info("No slide matches the diagnosis filter.")
         return
     s, ids = data.slides, data.slide_ids()
-    label = {ids[i]: f"{ids[i]} — {s['diagnosis'].iat[i]}" + ("" if s["status"].iat[i] == "ok" else
-                                                              f" ({s['status'].iat[i]})") for i in idx}
+    dx, status = s["diagnosis"].to_numpy(), s["status"].to_numpy()  # arrays: 2,000 pandas lookups took 0.27 s
+    label = {ids[i]: f"{ids[i]} — {dx[i]}" + ("" if status[i] == "ok" else f" ({status[i]})") for i in idx}
     c = st.columns([3, 2, 2, 2])
     with c[0]:
         sid = state.bound(st.selectbox, f"Slide ({len(idx)} in the filter)", "slide", default=ids[idx[0]],
