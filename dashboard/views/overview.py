@@ -235,6 +235,9 @@ def slide_colour_names(pts: pd.DataFrame) -> list[str]:
     return names + ([OTHER_SLIDES] if OTHER_SLIDES in counts.index else [])
 
 
+CANVAS_ROWS = 2_000  # Streamlit renders a chart with more rows than this per data set on a canvas, not SVG
+
+
 def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int):
     x0, x1, y0, y1 = ext
     xs = alt.Scale(domain=[x0, x1], nice=False, zero=False)
@@ -264,8 +267,10 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
     brush = alt.selection_interval(name="brush", encodings=["x", "y"])
     pick = alt.selection_point(name="pick", fields=["row"], on="click", clear="dblclick")
     size = 60 if len(pts) < 2_000 else 22 if len(pts) < 8_000 else 14
-    # no outline: a stroke per point costs the software renderer a sixth of the chart's drawing time
-    points = alt.Chart(pts).mark_circle(size=size, opacity=0.8).encode(
+    # No outline: a stroke per point costs the software renderer a sixth of the chart's drawing time.
+    # No ARIA text past CANVAS_ROWS: Streamlit then draws on a canvas, where the per-point descriptions
+    # never reach the page, yet the browser would still build one string per point (~0.1 s at 5,000).
+    points = alt.Chart(pts).mark_circle(size=size, opacity=0.8, aria=len(pts) <= CANVAS_ROWS).encode(
         x=alt.X("px:Q", scale=xs), y=alt.Y("py:Q", scale=ys), color=color,
         tooltip=["slide", "diagnosis", "concept", "top output",
                  alt.Tooltip("value:Q", title=data.out_label, format=".2f")],
