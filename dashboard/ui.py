@@ -13,6 +13,7 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from precompute.colors import concept_colors
+from precompute.images import encode_image
 
 from . import raster
 from .data import AtlasData
@@ -139,9 +140,7 @@ def inline_image(img) -> str:
     """A data URL of a JPEG/PNG (bytes) or an RGB array (H, W, 3): the image arrives inside the page update
     instead of as one more request after it (a 24-tile gallery loaded 0.35 s after the script finished)."""
     if isinstance(img, np.ndarray):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        img = buf.getvalue()
+        img = encode_image(img, "JPEG", quality=90)
     return raster.data_url(img, "image/png" if img[:4] == b"\x89PNG" else "image/jpeg")
 
 
