@@ -34,6 +34,8 @@ CSS = """<style>
 .block-container {padding-top: 2.2rem;}
 /* Streamlit's chart toolbar names its PNG by time only; each chart has a named "PNG of this chart" button */
 [data-testid="stElementToolbarButton"]:has(button[aria-label^="Download as PNG"]) {display: none;}
+/* a gallery is a chart of images with its own CSV and PNG buttons: its toolbar would only offer base64 data */
+[class*="st-key-gallery_"] [data-testid="stElementToolbar"] {display: none;}
 </style>"""
 
 USAGE = "streamlit run dashboard/app.py -- --atlas path/to/atlas.h5"

@@ -195,6 +195,14 @@ def assert_outlined(pg, atlas, row: int) -> None:
         assert want[b] - 2 <= got[b] <= want[b] + 14, (b, got, want)
 
 
+def click_gallery_tile(pg, key: str, n: int) -> None:
+    """Click image n of the gallery `key` (one chart of images: a click on an image opens its tile)."""
+    img = pg.locator(f'[class*="st-key-gallery_{key}_"] svg image').nth(n)
+    img.scroll_into_view_if_needed()
+    box = img.bounding_box()
+    pg.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
 def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, server, atlas):
     """A prototype on the CMU slide (the concept page shows each concept's top 16 by weight)."""
     p = atlas["protos"]
@@ -205,7 +213,7 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
     want_tile, want_slide = int(p["tile"][r]), "cmu"
     open_view(page, server, f"?page=cluster&cluster={k + 1}")
     check(page, "cluster-prototypes-in-tiles")
-    page.locator(f".st-key-proto_open_{n} button").first.click()
+    click_gallery_tile(page, "proto", n)
     page.wait_for_function("() => location.search.includes('page=slides')", timeout=TIMEOUT_MS)
     idle(page)
     assert param(page, "slide") == [want_slide] and param(page, "tile") == [str(want_tile)]
@@ -245,7 +253,7 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
 
 
 def test_scatter_point_opens_its_tile_outlined(page, server, atlas, dash_atlas):
-    """One click on a point of the overview scatter picks that tile; its 'Open on slide' opens the slide
+    """One click on a point of the overview scatter picks that tile; a click on its picture opens the slide
     there, outlined. The point is one of the CMU slide's (its tooltip names the slide)."""
     open_view(page, server, "?page=overview")
     point = page.locator('[data-testid="stVegaLiteChart"] svg.marks g.mark-symbol path[aria-label*="slide: cmu;"]').first
@@ -256,7 +264,7 @@ def test_scatter_point_opens_its_tile_outlined(page, server, atlas, dash_atlas):
     page.get_by_text("Picked tile").wait_for(timeout=TIMEOUT_MS)
     idle(page)
     check(page, "scatter-point-picked")
-    page.locator(".st-key-gal_pick_open_0 button").first.click()
+    click_gallery_tile(page, "gal_pick", 0)
     page.wait_for_function("() => location.search.includes('page=slides')", timeout=TIMEOUT_MS)
     # the click reruns the scatter's fragment, which then reruns the whole app: wait for the slide page
     page.get_by_text("Soft map of every concept, and the model output").wait_for(timeout=TIMEOUT_MS)

@@ -157,8 +157,10 @@ def test_cluster_page_for_every_concept(dash_atlas, atlas_info, monkeypatch):
         assert at.query_params["cluster"] in (str(k), [str(k)])
         metric = next(m for m in at.metric if m.label.startswith("Tiles where"))
         assert metric.label == f"Tiles where C{k} dominates" and metric.value == f"{int((nmf == k - 1).sum()):,}"
-        assert not at.get("vega_lite_chart")  # the first tab holds galleries only
-        for tab, charts in (("composition", 3), ("slides", 3), ("tiles", 0)):  # the open tab's charts
+        # the first tab holds the two galleries (each one chart of images) and nothing else drawn by Vega
+        assert sorted(c.key.rsplit("_", 1)[0] for c in at.get("vega_lite_chart")) == [
+            "gallery_gal_typical", "gallery_proto"]
+        for tab, charts in (("composition", 3), ("slides", 3), ("tiles", 2)):  # the open tab's charts
             at.session_state["url_tab"] = cluster.TABS[tab]
             at.run()
             assert_clean(at)

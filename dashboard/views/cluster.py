@@ -149,7 +149,7 @@ def _prototypes(data, k, slide_ok) -> None:
     else:
         shown, note = crops, "Prototype cells with one cell of context"
     ui.image_grid(data, shown, caps, tiles, "proto", width=120, cols=4)
-    st.caption(f"{note}: the top-weight cells of the concept over the cohort. 'Open on slide' shows the tile "
+    st.caption(f"{note}: the top-weight cells of the concept over the cohort. A click on one shows the tile "
                "outlined on its slide.")
     table = pd.DataFrame({"slide_id": ids[p["slide"][rows]], "tile": p["tile"][rows], "weight": p["weight"][rows],
                           "cell_y": p["cell_y"][rows], "cell_x": p["cell_x"][rows]})
