@@ -209,9 +209,13 @@ def _title(ch: alt.TopLevelMixin) -> str:
 
 def chart_png(ch: alt.TopLevelMixin) -> bytes:
     """PNG (2x scale) of a chart with its legend, drawn on the server by vl-convert (no browser, offline)."""
+    return spec_png(styled(ch).to_dict())
+
+
+def spec_png(spec: dict) -> bytes:
+    """PNG (2x scale) of a styled Vega-Lite spec whose data sets are inline values."""
     import vl_convert as vlc  # lazy: its engine starts on the first export (~1-3 s), never at page load
 
-    spec = styled(ch).to_dict()
     if "width" not in spec and not {"hconcat", "vconcat", "concat", "facet", "repeat"} & spec.keys():
         spec["width"] = EXPORT_WIDTH
     return vlc.vegalite_to_png(spec, scale=2)
@@ -223,12 +227,24 @@ def chart(ch: alt.TopLevelMixin, *, name: str | None = None, **kwargs):
     is named by time only, so the app hides it; see app.py)."""
     kwargs.setdefault("width", "stretch")
     event = st.altair_chart(styled(ch), **kwargs)
-    label = name or _title(ch) or "chart"
+    _chart_png_button(lambda: chart_png(ch), name or _title(ch) or "chart")
+    return event
+
+
+def spec_chart(spec: dict, png: Callable[[], bytes], name: str, **kwargs):
+    """st.vega_lite_chart of a ready Vega-Lite spec (e.g. built once and cached: Altair checks a spec on
+    every conversion, which a chart redrawn on every rerun need not repeat), with the PNG button of
+    `chart`; `png` makes the PNG when clicked."""
+    kwargs.setdefault("width", "stretch")
+    event = st.vega_lite_chart(spec=spec, **kwargs)
+    _chart_png_button(png, name)
+    return event
+
+
+def _chart_png_button(png: Callable[[], bytes], label: str) -> None:
     n = st.session_state["_charts_drawn"] = st.session_state.get("_charts_drawn", 0) + 1
     page = st.session_state.get("_page_name", "")
-    png_button(lambda: chart_png(ch), f"{page}-{label}" if page else label, key=f"chart_png_{n}",
-               label="PNG of this chart")
-    return event
+    png_button(png, f"{page}-{label}" if page else label, key=f"chart_png_{n}", label="PNG of this chart")
 
 
 def bar(df: pd.DataFrame, x: str, y: str, *, color: str | None = None, scale: alt.Scale | None = None,

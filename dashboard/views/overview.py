@@ -7,6 +7,8 @@ gallery.
 
 from __future__ import annotations
 
+import json
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -190,9 +192,8 @@ def prepare(data: AtlasData) -> None:
     server start, see dashboard/warm.py."""
     if data.proj is None or data.n == 0 or data.proj_nonfinite:
         return
-    png, pts, ext, _ = _layers(data, "nmf", 0, (), raster.DEFAULT_POINTS)
-    # a few rows suffice to validate the spec (outside a page, Altair refuses more than 5,000 rows)
-    ui.styled(_scatter_chart(data, png, pts.head(100), ext, "nmf", 0)).to_dict()
+    _scatter_spec(data.key, "nmf", 0, (), raster.DEFAULT_POINTS, tuple(concept_label(j) for j in range(data.k)),
+                  data)
     for mode in COLOR_MODES:
         if mode != "kmeans" or data.kmeans is not None:
             _layers(data, mode, data.default_output if mode == "output" else 0, (), raster.DEFAULT_POINTS)
@@ -238,7 +239,13 @@ def slide_colour_names(pts: pd.DataFrame) -> list[str]:
 CANVAS_ROWS = 2_000  # Streamlit renders a chart with more rows than this per data set on a canvas, not SVG
 
 
-def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int):
+POINTS = "points"  # the scatter's named data set (see _scatter_spec)
+
+
+def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: str, output: int,
+                   named: bool = False):
+    """The density image with the points over it; `named`: the points are the data set POINTS, given
+    when the chart is drawn (pts then only sets the legend and the point size)."""
     x0, x1, y0, y1 = ext
     xs = alt.Scale(domain=[x0, x1], nice=False, zero=False)
     ys = alt.Scale(domain=[y0, y1], nice=False, zero=False)
@@ -270,12 +277,31 @@ def _scatter_chart(data: AtlasData, png: bytes, pts: pd.DataFrame, ext, mode: st
     # No outline: a stroke per point costs the software renderer a sixth of the chart's drawing time.
     # No ARIA text past CANVAS_ROWS: Streamlit then draws on a canvas, where the per-point descriptions
     # never reach the page, yet the browser would still build one string per point (~0.1 s at 5,000).
-    points = alt.Chart(pts).mark_circle(size=size, opacity=0.8, aria=len(pts) <= CANVAS_ROWS).encode(
+    source = alt.Data(name=POINTS) if named else pts
+    points = alt.Chart(source).mark_circle(size=size, opacity=0.8, aria=len(pts) <= CANVAS_ROWS).encode(
         x=alt.X("px:Q", scale=xs), y=alt.Y("py:Q", scale=ys), color=color,
-        tooltip=["slide", "diagnosis", "concept", "top output",
+        tooltip=["slide:N", "diagnosis:N", "concept:N", "top output:N",
                  alt.Tooltip("value:Q", title=data.out_label, format=".2f")],
     ).add_params(brush, pick)
     return alt.layer(image, points).properties(height=680)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _scatter_spec(key: str, mode: str, output: int, dx: tuple[str, ...], n_points: int, labels: tuple[str, ...],
+                  _data: AtlasData) -> dict:
+    """Vega-Lite spec of the scatter without its points (the data set POINTS), built and checked once per
+    colouring and filter: Altair's check of the whole spec took 0.1-0.3 s on every rerun (a brush too)."""
+    png, pts, ext, _ = _layers(_data, mode, output, dx, n_points)
+    return ui.styled(_scatter_chart(_data, png, pts, ext, mode, output, named=True)).to_dict()
+
+
+def scatter_png(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_points: int) -> bytes:
+    """PNG of the scatter as drawn (density image, points, legend), made on the server when asked for."""
+    labels = tuple(concept_label(j) for j in range(data.k))
+    spec = _scatter_spec(data.key, mode, output, dx, n_points, labels, data)
+    pts = _layers(data, mode, output, dx, n_points)[1]
+    # the points inline as plain JSON values (Altair itself refuses more than 5,000 rows outside a page)
+    return ui.spec_png({**spec, "datasets": {**spec.get("datasets", {}), POINTS: json.loads(pts.to_json(orient="records"))}})
 
 
 @state.fragment
@@ -309,8 +335,11 @@ def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
     if n_shown == 0:
         st.info("No tiles match the diagnosis filter.")
         return
-    event = ui.chart(_scatter_chart(data, png, pts, ext, mode, output), on_select="rerun",
-                     selection_mode=["brush", "pick"], key=f"scatter_{mode}_{output}")
+    labels = tuple(concept_label(j) for j in range(data.k))
+    spec = _scatter_spec(data.key, mode, output, tuple(diagnoses), n_points, labels, data)
+    event = ui.spec_chart({**spec, "datasets": {**spec.get("datasets", {}), POINTS: pts}},
+                          lambda: scatter_png(data, mode, output, tuple(diagnoses), n_points), "scatter",
+                          on_select="rerun", selection_mode=["brush", "pick"], key=f"scatter_{mode}_{output}")
     st.caption(f"Density image: all {n_shown:,} tiles in the filter; points: {len(pts):,} of them "
                f"(a fixed random sample, at most {n_points:,}). Drag to select a region (resolved "
                "against all tiles), click a point to pick one tile, double-click to clear. "
