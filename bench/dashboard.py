@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from browser_harness import CHROMIUM, chromium, dashboard_server, idle  # noqa: E402  (the tests' harness)
+from dashboard.raster import DEFAULT_POINTS  # noqa: E402
 from precompute.store import Atlas, AtlasWriter  # noqa: E402
 
 GRID = (25, 20)    # tiles per synthetic slide along x, y (500 tiles)
@@ -207,6 +208,17 @@ def _page_loads(context, url: str) -> dict:
     return out
 
 
+def _url_change(page, action, name: str):
+    """An action done when the URL's parameter `name` differs from before (then the script idles)."""
+    get = f"() => new URLSearchParams(location.search).get({name!r})"
+    def act():
+        old = page.evaluate(get)
+        t0 = action() or time.perf_counter()
+        page.wait_for_function(f"() => ({get})() !== {json.dumps(old)}", timeout=60_000)
+        return t0
+    return act
+
+
 def _view_change(page, action):
     """An action on the slide viewer; done when the URL's view= differs from before."""
     def act():
@@ -284,7 +296,9 @@ def _interactions(page) -> dict:
         "cluster_composition_tab": (tab("Composition and outputs"), "url:tab=composition"),
         "cluster_slides_tab": (tab("Slides and distances"), "url:tab=slides"),
         "open_slides_page": (radio("Slides"), "text=Soft map of every concept, and the model output"),
-        "open_other_slide": (_pick_second_slide(page), "text=Soft map of every concept, and the model output"),
+        # the page's text is on screen before and after: done when the URL names another slide
+        "open_other_slide": (_url_change(page, _pick_second_slide(page), "slide"),
+                             "text=Soft map of every concept, and the model output"),
         "click_tile": (click_tile, "text=Top outputs:"),
         "viewer_zoom_in": (_view_change(page, button("Zoom in")), viewer),
         "viewer_drag_box_zoom": (_view_change(page, drag_box), viewer),
@@ -322,7 +336,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=2_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--points", type=int, default=None, help="points drawn on the scatter (app default: 10,000)")
+    ap.add_argument("--points", type=int, default=None, help=f"points drawn on the scatter (app default: {DEFAULT_POINTS:,})")
     ap.add_argument("--atlas", type=Path, default=None,
                     help="measure this existing atlas instead of building one (e.g. the small source as a baseline)")
     args = ap.parse_args()
@@ -334,7 +348,7 @@ def main() -> None:
     if not CHROMIUM.exists():
         sys.exit(f"{CHROMIUM} not found (apt-get install chromium)")
     res = measure(out, args.repeats, args.points)
-    res["points"] = args.points or "app default (10,000)"
+    res["points"] = args.points or f"app default ({DEFAULT_POINTS:,})"
     with Atlas(out) as a:
         res.update(atlas=str(out), tiles=a.n_tiles, slides=a.n_slides, size_gb=round(out.stat().st_size / 1e9, 2))
     res["machine"] = (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, "
