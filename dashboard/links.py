@@ -40,7 +40,7 @@ def check(attrs: dict, atlas_name: str) -> None:
         st.warning(f"**This link was made on another atlas** (fingerprint `{given}`). This dashboard shows "
                    f"`{atlas_name}` (fingerprint `{fp}`), so the link's slide, tile, concept and filter are not "
                    "shown: they would point at something else. Open the link on the dashboard of its own atlas, "
-                   "or start afresh on this one.", icon="🔗")
+                   "or start afresh on this one.", icon=":material/link_off:")
         st.button("Open this atlas's overview", on_click=_start_fresh, args=(fp,), type="primary")
         st.stop()
     st.session_state["_link_checked"] = fp

@@ -174,7 +174,8 @@ def _viewer(data: AtlasData, i: int, sid: str, layer: str, concept: int, output:
                f"{where}. Drag a box to zoom into it; click a tile to inspect it (outlined).")
     if pix.slide is None:
         st.warning(f"The original slide is not reachable, so the viewer shows the thumbnail stored in the atlas "
-                   f"(1 px = {pix.thumb_ds:.3g} level-0 px); zooming in only enlarges it. {pix.why}", icon="🔍")
+                   f"(1 px = {pix.thumb_ds:.3g} level-0 px); zooming in only enlarges it. {pix.why}",
+                   icon=":material/zoom_in:")  # not an emoji: its first use loads Streamlit's emoji table (0.2 s)
     _legend(data, i, layer, concept, output)
     with st.container(horizontal=True):
         name = f"{ui.download_prefix()}{sid}-{layer}-x{round(view.cx)}-y{round(view.cy)}-s{view.s:.3g}"
@@ -352,7 +353,7 @@ def _tile_panel(data: AtlasData, i: int, sid: str) -> None:
         st.markdown("Top outputs: " + ", ".join(f"**{html.escape(data.output_names[j])}** {data.out[r, j]:.2f}"
                                                 for j in top))
     with mid:
-        st.image(data.thumbnails([r])[0], caption=ui.tile_captions(data, [r])[0], width=200)
+        st.image(ui.inline_image(data.thumbnails([r])[0]), caption=ui.tile_captions(data, [r])[0], width=200)
     with right:
         st.vega_lite_chart(spec=_weights_spec(data, r, tuple(concept_label(j) for j in range(data.k))),
                            width="stretch")
@@ -371,6 +372,11 @@ def _weights_template(key: str, labels: tuple[str, ...], _data: AtlasData) -> di
                 title="Concept weights (sum over cells)",
                 tooltip=["concept", alt.Tooltip("weight:Q", format=".3f"), alt.Tooltip("share:Q", format=".1%")])
     return ui.styled(ch).to_dict()
+
+
+def prepare(data: AtlasData) -> None:
+    """Build the tile panel's chart spec at server start (see dashboard/warm.py)."""
+    _weights_template(data.key, tuple(concept_label(j) for j in range(data.k)), data)
 
 
 def _weights_spec(data: AtlasData, r: int, labels: tuple[str, ...]) -> dict:
@@ -415,6 +421,7 @@ def _value_range(data: AtlasData, output: int) -> tuple[float, float]:
 def _soft_strip(data: AtlasData, i: int, output: int) -> None:
     images = _strip_cached(data.key, i, output, data)
     caps = [concept_label(j) for j in range(data.k)] + [f"{data.output_names[output]} {data.out_label}"]
-    st.image(images, caption=caps, width=STRIP_PX)
+    # inline: served as files, the 7-8 images of this page arrived 0.3 s after the page itself
+    st.image([ui.inline_image(im) for im in images], caption=caps, width=STRIP_PX)
     ui.png_button(lambda: ui.contact_sheet([overlay.encode(im) for im in images], caps, cols=min(6, len(images)),
                                            cell=STRIP_PX), f"{data.slide_ids()[i]}-soft-maps", key="dl_strip")
