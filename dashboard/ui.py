@@ -197,7 +197,7 @@ def styled(ch: alt.TopLevelMixin) -> alt.TopLevelMixin:
 EXPORT_WIDTH = 900  # px of a chart's plot area in its PNG download (the page's charts stretch to the screen)
 
 
-def _title(ch: alt.TopLevelMixin) -> str:
+def chart_title(ch: alt.TopLevelMixin) -> str:
     """The chart's title text (layers: the first titled layer), '' when it has none."""
     for part in [ch, *getattr(ch, "layer", [])]:
         title = getattr(part, "title", alt.Undefined)
@@ -227,7 +227,7 @@ def chart(ch: alt.TopLevelMixin, *, name: str | None = None, **kwargs):
     is named by time only, so the app hides it; see app.py)."""
     kwargs.setdefault("width", "stretch")
     event = st.altair_chart(styled(ch), **kwargs)
-    _chart_png_button(lambda: chart_png(ch), name or _title(ch) or "chart")
+    _chart_png_button(lambda: chart_png(ch), name or chart_title(ch) or "chart")
     return event
 
 

@@ -26,10 +26,11 @@ _CONTEXT_LOG = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_ru
 def prepare(path: str) -> float:
     """Read the atlas at `path` into the app's cache, draw the overview's scatter off-screen and read (or,
     for an atlas that stores none, compute) the fidelity figures and glass flags the Cluster and Fidelity
-    pages show: about 2 s each at 10^6 tiles. Returns the seconds it took."""
+    pages show: about 2 s each at 10^6 tiles; then the Enrichment page's first view and the Slides page's
+    tile chart. Returns the seconds it took."""
     from . import fidelity
     from .data import load
-    from .views import overview
+    from .views import enrichment, overview, slide
 
     t0 = time.perf_counter()
     level = _CONTEXT_LOG.level
@@ -42,6 +43,8 @@ def prepare(path: str) -> float:
         except fidelity.FidelityError:
             pass  # the pages say why when they are opened
         overview.prepare(data)
+        enrichment.prepare(data)
+        slide.prepare(data)
     finally:
         _CONTEXT_LOG.setLevel(level)
     return time.perf_counter() - t0

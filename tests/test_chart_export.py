@@ -30,7 +30,7 @@ def test_chart_png_is_wide_and_has_the_concept_colours():
 
 def test_layered_chart_title_names_the_file(monkeypatch):
     layered = _chart() + alt.Chart(pd.DataFrame({"y": [10]})).mark_rule().encode(y="y:Q")
-    assert ui._title(layered) == "Tiles per concept"
+    assert ui.chart_title(layered) == "Tiles per concept"
     monkeypatch.setattr(ui, "download_prefix", lambda: "atlas-cmu-")
     assert ui._file_name("cluster-Tiles per concept", "png") == "atlas-cmu-cluster-Tiles-per-concept.png"
 

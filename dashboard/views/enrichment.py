@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 
 import altair as alt
+import numpy as np
 import streamlit as st
 
 from precompute.enrichment import by_diagnosis, enrichment_table
@@ -17,12 +18,12 @@ from ..data import AtlasData
 from ..labels import concept_label
 
 DOMINANCE = 0.5  # flag a concept when one slide holds more than this part of its target weight
+DEFAULT_PCT = 20  # % of a slide's weight for the slide to count for a concept
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
     st.header("Diagnosis enrichment")
-    mask = data.slide_mask(diagnoses) & (data.slide_weight.sum(axis=1) > 0)
-    present = [d for d in data.diagnoses if (data.slides["diagnosis"].to_numpy()[mask] == d).any()]
+    present = _present(data, _mask(data, diagnoses))
     if not present:
         st.info("No slide with tiles matches the diagnosis filter.")
         return
@@ -31,10 +32,10 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         target = state.bound(st.selectbox, "Enriched in", "target", default=present[-1], options=present)
     with c[1]:
         pct = state.bound(st.slider, "A slide counts for a concept when the concept holds at least (% of the "
-                          "slide's weight)", "min_share", default=20, parse=int, min_value=5, max_value=80, step=5)
-    labels = [concept_label(j) for j in range(data.k)]
-    sw, sd, ids = data.slide_weight[mask], data.slides["diagnosis"].to_numpy()[mask], data.slide_ids()[mask]
-    table = enrichment_table(sw, sd, target, min_share=pct / 100, slide_ids=ids, labels=labels)
+                          "slide's weight)", "min_share", default=DEFAULT_PCT, parse=int, min_value=5, max_value=80,
+                          step=5)
+    labels = tuple(concept_label(j) for j in range(data.k))
+    table, long, bars, heat = _figures(data.key, target, pct, tuple(diagnoses), labels, data)
     others = [d for d in present if d != target]
     with c[2]:
         st.markdown(f"<div style='margin-top:1.9rem'><b>{html.escape(target)}</b> "
@@ -48,6 +49,44 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     _ranking(table, target, pct)
     _dominance_warnings(table, target)
 
+    if len(present) <= 4:  # side by side; with more diagnoses the heatmap takes the full width
+        left, right = st.columns(2)
+        with left:
+            _draw(bars)
+        with right:
+            _draw(heat)
+    else:
+        _draw(bars)
+        _draw(heat)
+    ui.csv_button(long.drop(columns="label"), "concepts-by-diagnosis", key="dl_bydx")
+    st.caption("Open a concept to see its slides:")
+    cols = st.columns(min(data.k, 10))
+    for j in range(data.k):
+        cols[j % len(cols)].button(labels[j], key=f"open_{j}", on_click=state.go,
+                                   kwargs={"page": "cluster", "cluster": j + 1}, width="stretch")
+
+
+def _present(data: AtlasData, mask) -> list[str]:
+    """The diagnoses of the slides in `mask`, in the atlas's order."""
+    dx = data.slides["diagnosis"].to_numpy()[mask]
+    return [d for d in data.diagnoses if (dx == d).any()]
+
+
+def _mask(data: AtlasData, diagnoses) -> np.ndarray:
+    """Slides in the filter that have any weight (slides, bool)."""
+    return data.slide_mask(list(diagnoses)) & (data.slide_weight.sum(axis=1) > 0)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _figures(key: str, target: str, pct: int, dx: tuple[str, ...], labels: tuple[str, ...], _data: AtlasData):
+    """(enrichment table, concept x diagnosis table, bar spec, heatmap spec) for one target, threshold and
+    filter. The charts are Vega-Lite specs built and checked once (Altair took about 0.25 s per visit)."""
+    data = _data
+    mask = _mask(data, dx)
+    present = _present(data, mask)
+    sw, sd, ids = data.slide_weight[mask], data.slides["diagnosis"].to_numpy()[mask], data.slide_ids()[mask]
+    labels = list(labels)
+    table = enrichment_table(sw, sd, target, min_share=pct / 100, slide_ids=ids, labels=labels)
     ch = alt.Chart(table, title=f"log2 enrichment in {target} (share of {target} weight / share of other weight)"
                    ).mark_bar().encode(
         y=alt.Y("concept:N", sort="-x", title=None), x=alt.X("log2_enrichment:Q", title="log2 enrichment"),
@@ -56,21 +95,20 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     ).properties(height=ui.rows_height(data.k))
     long = by_diagnosis(sw, sd, present, min_share=pct / 100, labels=labels)
     heat = _heatmap(long, labels, pct)
-    if len(present) <= 4:  # side by side; with more diagnoses the heatmap takes the full width
-        left, right = st.columns(2)
-        with left:
-            ui.chart(ch)
-        with right:
-            ui.chart(heat)
-    else:
-        ui.chart(ch)
-        ui.chart(heat)
-    ui.csv_button(long.drop(columns="label"), "concepts-by-diagnosis", key="dl_bydx")
-    st.caption("Open a concept to see its slides:")
-    cols = st.columns(min(data.k, 10))
-    for j in range(data.k):
-        cols[j % len(cols)].button(labels[j], key=f"open_{j}", on_click=state.go,
-                                   kwargs={"page": "cluster", "cluster": j + 1}, width="stretch")
+    return table, long, (ui.chart_title(ch), ui.styled(ch).to_dict()), (ui.chart_title(heat), ui.styled(heat).to_dict())
+
+
+def _draw(figure: tuple[str, dict]) -> None:
+    title, spec = figure
+    ui.spec_chart(spec, lambda: ui.spec_png(spec), title)
+
+
+def prepare(data: AtlasData) -> None:
+    """Fill the page's cache for its first view (default target and threshold, whole cohort): called at
+    server start, see dashboard/warm.py."""
+    present = _present(data, _mask(data, ()))
+    if present:
+        _figures(data.key, present[-1], DEFAULT_PCT, (), tuple(concept_label(j) for j in range(data.k)), data)
 
 
 def _ranking(table, target: str, pct: int) -> None:
