@@ -121,8 +121,11 @@ def test_overview_brush_selects_tiles_and_shows_gallery(page, server):
     idle(page)
     n = int(re.search(r"Selection: ([0-9,]+) tiles", page.content()).group(1).replace(",", ""))
     assert n > 0
-    gallery = page.locator('[data-testid="stImage"] img')
-    assert gallery.count() >= min(n, ui.GALLERY_MAX)
+    # the gallery is one chart of images: wait until Vega has drawn them, then count
+    images = '[class*="st-key-gallery_gal_sel_"] svg image'
+    want = min(n, ui.GALLERY_MAX)
+    page.wait_for_function(f"() => document.querySelectorAll({images!r}).length >= {want}", timeout=TIMEOUT_MS)
+    assert page.locator(images).count() == want
     check(page, "overview-brush-gallery")
 
 

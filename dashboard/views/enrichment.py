@@ -95,7 +95,7 @@ def _figures(key: str, target: str, pct: int, dx: tuple[str, ...], labels: tuple
     ).properties(height=ui.rows_height(data.k))
     long = by_diagnosis(sw, sd, present, min_share=pct / 100, labels=labels)
     heat = _heatmap(long, labels, pct)
-    return table, long, (ui.chart_title(ch), ui.styled(ch).to_dict()), (ui.chart_title(heat), ui.styled(heat).to_dict())
+    return table, long, *((ui.chart_title(c), ui.styled(c).to_dict()) for c in (ch, heat))
 
 
 def _draw(figure: tuple[str, dict]) -> None:

@@ -300,7 +300,8 @@ def scatter_png(data: AtlasData, mode: str, output: int, dx: tuple[str, ...], n_
     spec = _scatter_spec(data.key, mode, output, dx, n_points, labels, data)
     pts = _layers(data, mode, output, dx, n_points)[1]
     # the points inline as plain JSON values (Altair itself refuses more than 5,000 rows outside a page)
-    return ui.spec_png({**spec, "datasets": {**spec.get("datasets", {}), POINTS: json.loads(pts.to_json(orient="records"))}})
+    values = json.loads(pts.to_json(orient="records"))
+    return ui.spec_png({**spec, "datasets": {**spec.get("datasets", {}), POINTS: values}})
 
 
 @state.fragment
