@@ -206,9 +206,13 @@ def test_slides_page_for_every_slide_and_layer(dash_atlas, atlas_info, monkeypat
 
 def test_enrichment_page(dash_atlas, monkeypatch):
     at = open_app(dash_atlas, monkeypatch, page="enrichment", target="benign")
-    table = at.dataframe[0].value
-    assert list(table["log2_enrichment"]) == sorted(table["log2_enrichment"], reverse=True)
+    assert len(at.table) == 1  # the ranking; all columns only on request
+    at.toggle(key="enrich_all").set_value(True).run()
+    ranking, table = at.table[0].value, at.table[1].value
+    assert list(ranking["log2 enrichment"]) == sorted(ranking["log2 enrichment"], reverse=True)
+    assert list(ranking["concept"]) == list(table["concept"])
     assert set(table["target_slides"]) == {4} and set(table["other_slides"]) == {5}  # 4 malignant + cmu
+    assert set(ranking["benign slides ≥ 20%"]) <= {f"{n} of 4" for n in range(5)}
     at.slider(key="url_min_share").set_value(50).run()
     assert_clean(at)
     at.selectbox(key="url_target").select("squamous").run()
