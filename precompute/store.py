@@ -62,9 +62,9 @@ class AtlasFormatError(Exception):
 REBUILD = "Re-run `python -m precompute run` with the same command to rebuild it"
 
 
-def chunk_rows(row_nbytes: int, n_rows: int | None = None) -> int:
-    """Rows per chunk so that a chunk holds about CHUNK_BYTES."""
-    rows = max(1, CHUNK_BYTES // max(1, row_nbytes))
+def chunk_rows(row_nbytes: int, n_rows: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that a chunk holds about `chunk_bytes`."""
+    rows = max(1, chunk_bytes // max(1, row_nbytes))
     if n_rows is not None:
         rows = max(1, min(rows, n_rows))
     return rows
@@ -117,7 +117,7 @@ class _Appendable:
         row_nbytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         self.ds = group.create_dataset(
             name, shape=(0,) + row_shape, maxshape=(None,) + row_shape, dtype=dtype,
-            chunks=(max(1, chunk_bytes // max(1, row_nbytes)),) + row_shape,
+            chunks=(chunk_rows(row_nbytes, chunk_bytes=chunk_bytes),) + row_shape,
             # LZF: fast enough not to slow reads, and a part-filled last chunk (the whole column in a
             # small atlas) costs its content, not a full MiB.
             compression="lzf",
