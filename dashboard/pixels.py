@@ -59,9 +59,13 @@ class Pixels:
         kind, level, ds = self.source(view)
         x0, y0, x1, y1 = view.box(w, h)
         canvas = Image.new("RGB", (w, h), "white")
-        # the part of the box on the slide, in level-0 px, and where it lands on the canvas
+        # the part of the box on the slide, in level-0 px, and where it lands on the canvas; a thumbnail
+        # can cover less than the slide's stated size (rounding, or an atlas from another reader): white there
+        w, h = self.width, self.height
+        if kind == "thumbnail":
+            w, h = min(w, self.thumbnail.shape[1] * ds), min(h, self.thumbnail.shape[0] * ds)
         bx0, by0 = max(x0, 0.0), max(y0, 0.0)
-        bx1, by1 = min(x1, self.width), min(y1, self.height)
+        bx1, by1 = min(x1, w), min(y1, h)
         if bx1 <= bx0 or by1 <= by0:
             return np.asarray(canvas)
         u0, v0 = (bx0 - x0) / view.s, (by0 - y0) / view.s
@@ -71,7 +75,7 @@ class Pixels:
         if kind == "thumbnail":
             img = Image.fromarray(self.thumbnail)
             sx0, sy0 = bx0 / ds, by0 / ds
-            src_box = (sx0, sy0, min(bx1 / ds, img.width), min(by1 / ds, img.height))
+            src_box = (sx0, sy0, bx1 / ds, by1 / ds)
         else:
             lx0, ly0 = math.floor(bx0 / ds), math.floor(by0 / ds)
             lx1, ly1 = math.ceil(bx1 / ds), math.ceil(by1 / ds)

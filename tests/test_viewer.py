@@ -83,6 +83,17 @@ def test_missing_file_falls_back_to_the_thumbnail_and_says_so(slide, tmp_path):
     assert np.array_equal(img[8, 8], thumb_px)
 
 
+def test_a_thumbnail_smaller_than_the_slide_leaves_the_rest_white():
+    """A stored thumbnail that covers only the left half of the slide's stated size: a view there shows it,
+    a view past it is white (it raised "box can't be empty" before), and it is never stretched."""
+    thumb = np.full((96, 64, 3), 40, np.uint8)  # 16 level-0 px per px: 1,024 x 1,536 of a 2,048 x 1,536 slide
+    pix = Pixels(thumb, 16.0, float(W), float(H))
+    past = pix.render(vp.View(1800, 768, 2.0), w=64, h=64)
+    assert (past == 255).all()
+    across = pix.render(vp.View(1024, 768, 4.0), w=64, h=64)  # level-0 x 896..1152: the edge at screen x 32
+    assert (across[:, :31] == 40).all() and (across[:, 33:] == 255).all()
+
+
 @pytest.mark.parametrize("s", [0.5, 1.0, 3.0, 7.3])
 def test_layer_cells_are_sampled_at_the_pixels_points(s):
     """Cell under each screen px = floor(level-0 point / cell), the point that px shows."""
