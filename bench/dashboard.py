@@ -263,6 +263,15 @@ def _interactions(page) -> dict:
                 break
         chart.click(position={"x": box["width"] * 0.55, "y": box["height"] * 0.45})
 
+    def expand(label: str):
+        def act():
+            t = page.get_by_text(label, exact=True)
+            t.scroll_into_view_if_needed()
+            t0 = time.perf_counter()
+            t.click()
+            return t0
+        return act
+
     def tab(label: str):
         return lambda: page.get_by_role("tab", name=label, exact=True).click()
 
@@ -305,6 +314,8 @@ def _interactions(page) -> dict:
         "viewer_full_resolution": (_view_change(page, button("Full resolution")), viewer),
         "viewer_pan": (_view_change(page, button("→")), viewer),
         "viewer_whole_slide": (_view_change(page, button("Whole slide")), viewer),
+        # the strip of small soft maps is drawn when its expander opens; done when its PNG download is there
+        "show_soft_maps": (expand("Soft map of every concept, and the model output"), "[class*='st-key-dl_strip']"),
         "open_enrichment_page": (radio("Diagnosis enrichment"), "text=Open a concept to see its slides:"),
         "back_to_overview": (radio("Overview"), "text=Density image:"),
     }

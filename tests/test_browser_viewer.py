@@ -20,10 +20,13 @@ import pytest
 from PIL import Image
 
 from dashboard import viewport as vp
+from dashboard.views import slide
 from precompute.colors import concept_lut
 from dashboard.links import fingerprint
+from browser_harness import dashboard_server, expect
 from dashboard_fixtures import DATA, dash_atlas  # noqa: F401  (dash_atlas is a fixture)
 from precompute.store import Atlas
+from synthetic_atlas import write_atlas
 from test_browser_dashboard import (ARTIFACTS, TIMEOUT_MS, browser, check, choose, idle, open_view,  # noqa: F401
                                     page, param, server)
 
@@ -236,8 +239,9 @@ def test_prototype_opens_its_tile_outlined_and_the_outline_follows_picks(page, s
     assert clicked != want_tile
     assert_outlined(page, atlas, clicked)
     # then a pick in the tile list moves it again (and brings the tile into view)
-    start = int(atlas["slides"]["tile_start"][atlas["index"]])
-    other = start + 3 if clicked != start + 3 else start + 4
+    start, n = int(atlas["slides"]["tile_start"][atlas["index"]]), int(atlas["slides"]["n_tiles"][atlas["index"]])
+    listed = slide.window(range(start, start + n), clicked - start)  # the tiles around the clicked one
+    other = max(listed[0], listed[-1], key=lambda r: abs(r - clicked))  # the farthest: likely out of view
     label = f"#{other - start} ({atlas['x'][other]}, {atlas['y'][other]})"
     box = page.locator('[data-testid="stSelectbox"]').filter(has_text="Tile (x, y").first
     box.scroll_into_view_if_needed()
@@ -319,3 +323,27 @@ def test_every_page_at_projector_sizes(browser, server, size):
                 assert plot["x"] + plot["width"] <= size[0]
     finally:
         context.close()
+
+
+def test_a_slide_outside_a_cut_list_is_found_by_typing_its_id(page, tmp_path):
+    """A cohort with more slides than the list shows (LIST_MAX): typing the id of an unlisted slide and
+    Enter opens it; a text that matches no slide leaves the open slide and says so, showing the text as typed."""
+    n = slide.LIST_MAX + 30
+    ids = [f"S{i:03d}" for i in range(n)]
+    path = write_atlas(tmp_path / "cohort.h5", slide_ids=ids, diagnoses=["benign"] * n, tiles_per_slide=(4,) * n)
+    with dashboard_server(path, log=ARTIFACTS / "streamlit-server-cohort.log") as srv:
+        open_view(page, srv, "?page=slides")
+        box = page.locator('[data-testid="stSelectbox"]').filter(has_text="Slide (").first
+        expect(box).to_contain_text(f"{n} in the filter")
+        wanted = ids[-1]  # the list shows S000..S099 around the first slide
+        for text, slide_id in ((wanted, wanted), ("**no such slide**", wanted)):
+            box.click()
+            page.keyboard.type(text)
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"() => new URLSearchParams(location.search).get('slide') === '{slide_id}'",
+                                   timeout=TIMEOUT_MS)
+            idle(page)
+        notice = page.get_by_text("No slide in the filter has an id containing")
+        expect(notice).to_contain_text("**no such slide**", timeout=TIMEOUT_MS)  # shown as typed, not as Markdown
+        expect(box.get_by_role("combobox")).to_have_value(f"{wanted} — benign", timeout=TIMEOUT_MS)
+        check(page, "slide-found-by-typing")

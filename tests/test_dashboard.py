@@ -20,7 +20,8 @@ from streamlit.testing.v1 import AppTest
 from dashboard_fixtures import (REPO, assert_clean, assert_pages_import_no_torch, dash_atlas,  # noqa: F401
                                 open_app)  # (dash_atlas is a fixture)
 from precompute.store import Atlas
-from dashboard.views import cluster
+from synthetic_atlas import write_atlas
+from dashboard.views import cluster, slide
 
 PAGES = ("overview", "cluster", "slides", "enrichment")
 
@@ -188,8 +189,8 @@ def test_slides_page_for_every_slide_and_layer(dash_atlas, atlas_info, monkeypat
             assert "No tissue" in warnings
         else:
             assert not warnings
-            rows = at.selectbox(key="url_tile").options
-            assert len(rows) == s["n_tiles"][i]
+            rows = at.selectbox(key="url_tile").options  # CMU has 117 tiles: a list of LIST_MAX
+            assert len(rows) == min(s["n_tiles"][i], slide.LIST_MAX)
     at.selectbox(key="url_slide").select("cmu").run()
     for layer in ("clusters", "soft", "output"):
         at.selectbox(key="url_layer").select(layer).run()
@@ -202,6 +203,54 @@ def test_slides_page_for_every_slide_and_layer(dash_atlas, atlas_info, monkeypat
     assert at.query_params["tile"] in (str(start + 5), [str(start + 5)])
     weights = chart_tables(at, 1)[0]  # the tile's concept-weight bars (chart 0 is the slide)
     np.testing.assert_allclose(weights["weight"], atlas_info["tiles"]["weights"][start + 5], rtol=1e-6)
+
+
+def test_long_lists_show_the_entries_around_the_open_one(tmp_path, monkeypatch):
+    """Past LIST_MAX entries the slide and tile lists show the ones around the open slide / selected tile
+    (the browser pays for every option on every draw); the open ones are always listed, and the label still
+    counts every slide of the filter."""
+    monkeypatch.setattr(slide, "LIST_MAX", 4)
+    ids = [f"S{i:02d}" for i in range(12)]
+    path = write_atlas(tmp_path / "many.h5", slide_ids=ids, diagnoses=["benign"] * 12, tiles_per_slide=(12,) * 12)
+    with Atlas(path) as a:
+        starts = list(a.slides()["tile_start"])
+    at = open_app(path, monkeypatch, page="slides", slide="S07", tile=str(starts[7] + 9))
+    box = at.selectbox(key="url_slide")
+    assert box.value == "S07" and [o.split(" ")[0] for o in box.options] == ["S05", "S06", "S07", "S08"]
+    assert box.label.startswith("Slide (12 in the filter") and "Type a slide id" in box.help
+    tiles = at.selectbox(key="url_tile")
+    assert tiles.value == starts[7] + 9 and len(tiles.options) == 4 and "of 12 on this slide" in tiles.help
+    assert [o.split(" ")[0] for o in tiles.options] == ["#7", "#8", "#9", "#10"]
+    at.selectbox(key="url_slide").select("S08").run()  # the list moves with the open slide
+    assert_clean(at)
+    assert [o.split(" ")[0] for o in at.selectbox(key="url_slide").options] == ["S06", "S07", "S08", "S09"]
+    assert [o.split(" ")[0] for o in at.selectbox(key="url_tile").options] == ["#0", "#1", "#2", "#3"]
+    at = open_app(path, monkeypatch, page="slides", slide="S00")  # at an end the list starts there
+    assert [o.split(" ")[0] for o in at.selectbox(key="url_slide").options] == ["S00", "S01", "S02", "S03"]
+    monkeypatch.setattr(slide, "LIST_MAX", 100)  # short lists are whole, with nothing to explain
+    at = open_app(path, monkeypatch, page="slides", slide="S07")
+    assert len(at.selectbox(key="url_slide").options) == 12 and not at.selectbox(key="url_slide").help
+
+
+def test_soft_maps_of_every_concept_on_demand(tmp_path, monkeypatch):
+    """The strip of small soft maps is drawn when its expander is opened: one image per concept, then the
+    model output's map, each under its name, all different, and one PNG of them all. Closed, nothing of it
+    is sent (the selected tile's picture is the page's only image)."""
+    path = write_atlas(tmp_path / "three.h5")
+    at = open_app(path, monkeypatch, page="slides")
+    assert not at.get("image") and not any(b.key == "dl_strip" for b in at.get("download_button"))
+    figures = [m.value for m in at.markdown if "<figure" in m.value]
+    assert len(figures) == 1 and "src='data:image/jpeg;base64," in figures[0]
+    at.session_state["slide_strip"] = True  # what opening the expander does
+    at.run()
+    assert_clean(at)
+    strip = at.get("image")[-1].proto.imgs
+    with Atlas(path) as a:
+        k, outputs = int(a.attrs["k"]), list(a.attrs["output_names"])
+    caps = [im.caption for im in strip]
+    assert caps[:-1] == [f"C{j + 1}" for j in range(k)] and caps[-1] in {f"{o} probability" for o in outputs}
+    assert len({im.url for im in strip}) == k + 1 and all(im.url.startswith("data:image/") for im in strip)
+    assert any(b.key == "dl_strip" for b in at.get("download_button"))
 
 
 def test_enrichment_page(dash_atlas, monkeypatch):

@@ -1,7 +1,7 @@
 """One slide in a zoomable viewer: pixels of the original slide (or the stored thumbnail when the file
 is not reachable) under the concept map, one concept's soft map, a model-output map or GradCAM;
 drag a box to zoom into it, buttons to zoom, pan and go back to the whole slide; click a tile to
-inspect it. The selected tile is outlined; soft maps of every concept below.
+inspect it. The selected tile is outlined; soft maps of every concept below, on demand.
 
 Viewer choice (docs/dashboard.md): the server renders the viewport (dashboard/pixels.py +
 dashboard/viewport.py) and an Altair chart shows it, so nothing but Streamlit runs in the browser.
@@ -32,6 +32,34 @@ LAYERS = {"clusters": "Concept map", "soft": "Soft map of one concept", "output"
 MAX_RECTS = 20_000  # clickable tiles drawn per view
 STRIP_PX = 260      # width of the small soft maps
 MIN_BOX_PX = 12     # a dragged box smaller than this (screen px) is a click, not a zoom
+# Options per list (slides, tiles). Streamlit's selectbox costs the browser about 0.12 ms per option each
+# time it is drawn: 2,000 slides and 500 tiles a slide made 0.35 s of opening this page at 10^6 tiles,
+# and a real slide has 10^4 tiles. Longer lists show the entries around the current one.
+LIST_MAX = 100
+
+
+def window(options: list, at: int, n: int | None = None) -> list:
+    """At most n (LIST_MAX) consecutive options, centred on position `at` where the ends allow."""
+    n = LIST_MAX if n is None else n
+    lo = min(max(0, at - n // 2), max(0, len(options) - n))
+    return options[lo:lo + n]
+
+
+def _find_slide(in_filter: list[str], previous: str) -> None:
+    """Callback of a cut slide list: a typed text that is not a listed slide opens the slide of the
+    filter with that id, else the first whose id contains it (ignoring case). Nothing found: the open
+    slide stays and a notice says so."""
+    key = state.widget_key("slide")
+    typed = str(st.session_state.get(key) or "").strip()
+    if typed in in_filter:
+        return
+    low = typed.lower()
+    found = next((v for v in in_filter if v.lower() == low), None) or next((v for v in in_filter if low in v.lower()),
+                                                                          None)
+    if found is None:
+        shown = typed.replace("`", "")[:60]  # a code span: the typed text is shown, never read as Markdown
+        st.toast(f"No slide in the filter has an id containing `{shown}`.", icon=":material/search_off:")
+    st.session_state[key] = found or previous
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
@@ -42,12 +70,23 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         return
     s, ids = data.slides, data.slide_ids()
     dx, status = s["diagnosis"].to_numpy(), s["status"].to_numpy()  # arrays: 2,000 pandas lookups took 0.27 s
+    in_filter = [str(ids[i]) for i in idx]
+    current = state.get("slide", in_filter[0])
+    listed = window(in_filter, in_filter.index(current) if current in in_filter else 0)
     label = {ids[i]: f"{ids[i]} — {dx[i]}" + ("" if status[i] == "ok" else f" ({status[i]})") for i in idx}
+    capped = len(listed) < len(in_filter)
     c = st.columns([3, 2, 2, 2])
     with c[0]:
-        sid = state.bound(st.selectbox, f"Slide ({len(idx)} in the filter)", "slide", default=ids[idx[0]],
-                          options=[ids[i] for i in idx], format_func=label.get)
-    i = int(idx[[ids[j] for j in idx].index(sid)])
+        # a long list is cut to the slides around the open one (see LIST_MAX); typing an id finds any slide
+        sid = state.bound(st.selectbox, f"Slide ({len(idx):,} in the filter)", "slide", default=listed[0],
+                          options=listed, format_func=lambda v: label.get(v, v),
+                          **({"accept_new_options": True, "filter_mode": "contains", "on_change": _find_slide,
+                              "args": (in_filter, current), "help": f"The list shows the {len(listed)} slides around "
+                              "the open one. Type a slide id (or part of one) and press Enter to open any slide "
+                              "in the filter."} if capped else {}))
+    if sid not in label:  # a typed text that _find_slide could not resolve
+        sid = current if current in label else listed[0]
+    i = int(idx[in_filter.index(sid)])
     row = s.iloc[i]
     maps = data.slide_maps(i)
     if row["status"] != "ok" or maps is None:
@@ -77,8 +116,12 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
         opacity = state.bound(st.slider, "Overlay opacity (%)", "opacity", default=55, parse=int,
                               min_value=0, max_value=100, step=5)
     _viewer(data, i, sid, layer, concept, output, opacity)
-    st.subheader("Soft map of every concept, and the model output")
-    _soft_strip(data, i, output)
+    # drawn only while open: its K + 1 images cost opening the page 0.1 s at 10^6 tiles (the viewer's
+    # "Soft map of one concept" layer shows each of them larger)
+    strip = st.expander("Soft map of every concept, and the model output", key="slide_strip", on_change="rerun")
+    if strip.open:
+        with strip:
+            _soft_strip(data, i, output)
 
 
 # -- view state ---------------------------------------------------------------------------
@@ -339,21 +382,28 @@ def _png_with_legend(data, i, img, view, layer, concept, output) -> bytes:
 def _tile_panel(data: AtlasData, i: int, sid: str) -> None:
     row = data.slides.iloc[i]
     start, n = int(row["tile_start"]), int(row["n_tiles"])
-    rows = list(range(start, start + n))
-    if not rows:
+    if not n:
         st.info("This slide has no tiles.")
         return
+    picked = _selected_tile(data, i)
+    rows = window(range(start, start + n), 0 if picked is None else picked - start)
     st.subheader("Selected tile")
     left, mid, right = st.columns([2, 2, 3])
     with left:
-        r = state.bound(st.selectbox, "Tile (x, y in level-0 px)", "tile", default=rows[0], options=rows, parse=int,
+        r = state.bound(st.selectbox, "Tile (x, y in level-0 px)", "tile", default=rows[0], options=list(rows),
+                        parse=int,
+                        help=None if len(rows) == n else f"The list shows the {len(rows)} tiles around the selected "
+                        f"one (of {n:,} on this slide); click a tile in the viewer to pick any tile.",
                         format_func=lambda t: f"#{t - start} ({data.x[t]}, {data.y[t]}) · {concept_label(data.nmf[t])}",
                         on_change=_on_tile_pick, args=(data, i, sid))
         top = np.argsort(-data.out[r])[:3]
         st.markdown("Top outputs: " + ", ".join(f"**{html.escape(data.output_names[j])}** {data.out[r, j]:.2f}"
                                                 for j in top))
     with mid:
-        st.image(ui.inline_image(data.thumbnails([r])[0]), caption=ui.tile_captions(data, [r])[0], width=200)
+        # an inline figure, not st.image: Streamlit loads its image component on first use, 0.3 s after the page
+        cap = html.escape(ui.tile_captions(data, [r])[0])
+        st.markdown(f"<figure style='margin:0'><img src='{ui.inline_image(data.thumbnails([r])[0])}' width='200' "
+                    f"alt='{cap}'><figcaption>{cap}</figcaption></figure>", unsafe_allow_html=True)
     with right:
         st.vega_lite_chart(spec=_weights_spec(data, r, tuple(concept_label(j) for j in range(data.k))),
                            width="stretch")
