@@ -305,11 +305,14 @@ def test_link_from_another_atlas_says_so(page, server, atlas):
 
 @pytest.mark.parametrize("size", [(1280, 720), (1920, 1080)])
 def test_every_page_at_projector_sizes(browser, server, size):
-    """Each page at the size; full-page screenshots; the viewer uses the width it is given."""
+    """Each page at the size; full-page screenshots; the viewer uses the width it is given. Nothing is
+    fetched from anywhere but the dashboard's server (a meeting room may be offline, and a hospital
+    network should not see requests leave for outside services)."""
     context = browser.new_context(viewport={"width": size[0], "height": size[1]})
     pg = context.new_page()
-    pg.errors = []
+    pg.errors, outside = [], []
     pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    pg.on("request", lambda r: r.url.startswith((server["url"], "data:", "blob:")) or outside.append(r.url))
     try:
         for name in ("overview", "cluster", "slides", "enrichment", "fidelity"):
             extra = "&slide=cmu" if name == "slides" else ""
@@ -321,6 +324,7 @@ def test_every_page_at_projector_sizes(browser, server, size):
                 row = pg.locator('[data-testid="stHorizontalBlock"]').first.bounding_box()  # the selectors' row
                 assert plot["width"] >= row["width"] - 4  # the viewer takes the page's width
                 assert plot["x"] + plot["width"] <= size[0]
+        assert not outside, outside
     finally:
         context.close()
 
