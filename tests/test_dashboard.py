@@ -232,6 +232,18 @@ def test_long_lists_show_the_entries_around_the_open_one(tmp_path, monkeypatch):
     assert len(at.selectbox(key="url_slide").options) == 12 and not at.selectbox(key="url_slide").help
 
 
+def test_a_typed_text_names_a_slide():
+    """What the cut slide list opens for a typed text (the browser test types into the list itself)."""
+    ids = ["TCGA-A1-0001", "TCGA-A1-0002", "tcga-b2-0100", "S — 1"]
+    assert slide.find_slide("TCGA-A1-0002", ids) == "TCGA-A1-0002"
+    assert slide.find_slide("  tcga-a1-0002 ", ids) == "TCGA-A1-0002"  # case and spaces do not matter
+    assert slide.find_slide("TCGA-A1-0002 — benign", ids) == "TCGA-A1-0002"  # a list entry typed in full
+    assert slide.find_slide("0100", ids) == "tcga-b2-0100"  # part of an id: the first that contains it
+    assert slide.find_slide("A1", ids) == "TCGA-A1-0001"
+    assert slide.find_slide("S — 1", ids) == "S — 1"  # an id with the list's separator in it
+    assert slide.find_slide("C3-9999", ids) is None and slide.find_slide("  ", ids) is None
+
+
 def test_soft_maps_of_every_concept_on_demand(tmp_path, monkeypatch):
     """The strip of small soft maps is drawn when its expander is opened: one image per concept, then the
     model output's map, each under its name, all different, and one PNG of them all. Closed, nothing of it

@@ -45,19 +45,27 @@ def window(options: list, at: int, n: int | None = None) -> list:
     return options[lo:lo + n]
 
 
-def _find_slide(in_filter: list[str], previous: str) -> None:
-    """Callback of a cut slide list: a typed text that is not a listed slide opens the slide of the
-    filter with that id, else the first whose id contains it (ignoring case). Nothing found: the open
-    slide stays and a notice says so."""
-    key = state.widget_key("slide")
-    typed = str(st.session_state.get(key) or "").strip()
+def find_slide(typed: str, in_filter: list[str]) -> str | None:
+    """The slide id of `in_filter` that a typed text names: itself, the id without its case, the id of a
+    list entry typed in full ("id — diagnosis"), else the first id containing it (ignoring case)."""
+    typed = typed.strip()
     if typed in in_filter:
-        return
-    low = typed.lower()
-    found = next((v for v in in_filter if v.lower() == low), None) or next((v for v in in_filter if low in v.lower()),
-                                                                          None)
-    if found is None:
-        shown = typed.replace("`", "")[:60]  # a code span: the typed text is shown, never read as Markdown
+        return typed
+    low = typed.split(" — ")[0].strip().lower()
+    if not low:
+        return None
+    return next((v for v in in_filter if v.lower() == low), None) or next((v for v in in_filter if low in v.lower()),
+                                                                         None)
+
+
+def _find_slide(in_filter: list[str], previous: str) -> None:
+    """Callback of a cut slide list (it accepts typed text): open the slide the text names (find_slide);
+    nothing found: the open slide stays and a notice says so."""
+    key = state.widget_key("slide")
+    typed = str(st.session_state.get(key) or "")
+    found = find_slide(typed, in_filter)
+    if found is None and typed.strip():
+        shown = typed.strip().replace("`", "")[:60]  # a code span: the typed text is shown, never read as Markdown
         st.toast(f"No slide in the filter has an id containing `{shown}`.", icon=":material/search_off:")
     st.session_state[key] = found or previous
 
