@@ -61,11 +61,11 @@ class Pixels:
         canvas = Image.new("RGB", (w, h), "white")
         # the part of the box on the slide, in level-0 px, and where it lands on the canvas; a thumbnail
         # can cover less than the slide's stated size (rounding, or an atlas from another reader): white there
-        w, h = self.width, self.height
+        right, bottom = self.width, self.height
         if kind == "thumbnail":
-            w, h = min(w, self.thumbnail.shape[1] * ds), min(h, self.thumbnail.shape[0] * ds)
+            right, bottom = min(right, self.thumbnail.shape[1] * ds), min(bottom, self.thumbnail.shape[0] * ds)
         bx0, by0 = max(x0, 0.0), max(y0, 0.0)
-        bx1, by1 = min(x1, w), min(y1, h)
+        bx1, by1 = min(x1, right), min(y1, bottom)
         if bx1 <= bx0 or by1 <= by0:
             return np.asarray(canvas)
         u0, v0 = (bx0 - x0) / view.s, (by0 - y0) / view.s

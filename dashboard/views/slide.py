@@ -33,7 +33,7 @@ MAX_RECTS = 20_000  # clickable tiles drawn per view
 STRIP_PX = 260      # width of the small soft maps
 MIN_BOX_PX = 12     # a dragged box smaller than this (screen px) is a click, not a zoom
 # Options per list (slides, tiles). Streamlit's selectbox costs the browser about 0.12 ms per option each
-# time it is drawn: 2,000 slides and 500 tiles a slide made 0.35 s of opening this page at 10^6 tiles,
+# time it is drawn: 2,000 slides and 500 tiles a slide made 0.2-0.35 s of opening this page at 10^6 tiles,
 # and a real slide has 10^4 tiles. Longer lists show the entries around the current one.
 LIST_MAX = 100
 
@@ -81,7 +81,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
     in_filter = [str(ids[i]) for i in idx]
     current = state.get("slide", in_filter[0])
     listed = window(in_filter, in_filter.index(current) if current in in_filter else 0)
-    label = {ids[i]: f"{ids[i]} — {dx[i]}" + ("" if status[i] == "ok" else f" ({status[i]})") for i in idx}
+    label = {str(ids[i]): f"{ids[i]} — {dx[i]}" + ("" if status[i] == "ok" else f" ({status[i]})") for i in idx}
     capped = len(listed) < len(in_filter)
     c = st.columns([3, 2, 2, 2])
     with c[0]:
