@@ -324,6 +324,9 @@ def test_every_page_at_projector_sizes(browser, server, size):
                 row = pg.locator('[data-testid="stHorizontalBlock"]').first.bounding_box()  # the selectors' row
                 assert plot["width"] >= row["width"] - 4  # the viewer takes the page's width
                 assert plot["x"] + plot["width"] <= size[0]
+                tile = pg.locator("figure img").first  # the selected tile's picture has loaded, in its 200-px box
+                tile.scroll_into_view_if_needed()
+                assert tile.evaluate("i => i.complete && i.naturalWidth > 0") and tile.bounding_box()["width"] >= 150
         assert not outside, outside
     finally:
         context.close()

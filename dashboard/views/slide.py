@@ -410,8 +410,9 @@ def _tile_panel(data: AtlasData, i: int, sid: str) -> None:
     with mid:
         # an inline figure, not st.image: Streamlit loads its image component on first use, 0.3 s after the page
         cap = html.escape(ui.tile_captions(data, [r])[0])
-        st.markdown(f"<figure style='margin:0'><img src='{ui.inline_image(data.thumbnails([r])[0])}' width='200' "
-                    f"alt='{cap}'><figcaption>{cap}</figcaption></figure>", unsafe_allow_html=True)
+        st.markdown(f"<figure style='margin:0'><img src='{ui.inline_image(data.thumbnails([r])[0])}' alt='{cap}' "
+                    "style='width:200px;max-width:100%;display:block;object-fit:contain'><figcaption style='font-size:0.85rem;"
+                    f"color:#444;margin-top:0.3rem'>{cap}</figcaption></figure>", unsafe_allow_html=True)
     with right:
         st.vega_lite_chart(spec=_weights_spec(data, r, tuple(concept_label(j) for j in range(data.k))),
                            width="stretch")
