@@ -17,9 +17,9 @@ from PIL import Image
 from precompute.colors import rgb, viridis
 
 MAX_POINTS = 20_000     # hard cap on points drawn
-# default: each drawn point costs the browser ~0.07 ms per redraw in software rendering (0.7 s per
-# 10,000 on a 2-core machine); the density image already shows every tile, so the points only need
-# to be enough to hover and click, and more are one click away
+# default: each drawn point costs the browser ~0.03 ms per redraw on a 2-core machine, on top of
+# 0.5-0.75 s for the redraw itself (bench/scatter_redraw.py); the density image already shows every
+# tile, so the points only need to be enough to hover and click, and more are one click away
 DEFAULT_POINTS = 5_000
 POINT_CHOICES = (2_000, 5_000, 10_000, 20_000)
 BINS = (320, 220)  # histogram cells along x, y (at most; see `bins_for`)
