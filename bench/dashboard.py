@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from browser_harness import CHROMIUM, chromium, dashboard_server, idle  # noqa: E402  (the tests' harness)
-from dashboard.raster import DEFAULT_POINTS  # noqa: E402
+from dashboard.raster import DEFAULT_POINTS, POINT_CHOICES  # noqa: E402
 from precompute.store import Atlas, AtlasWriter  # noqa: E402
 
 GRID = (25, 20)    # tiles per synthetic slide along x, y (500 tiles)
@@ -347,7 +347,9 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=2_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--points", type=int, default=None, help=f"points drawn on the scatter (app default: {DEFAULT_POINTS:,})")
+    # the app draws its default for a count it does not offer: only its choices measure what they say
+    ap.add_argument("--points", type=int, default=None, choices=POINT_CHOICES,
+                    help=f"points drawn on the scatter (app default: {DEFAULT_POINTS:,})")
     ap.add_argument("--atlas", type=Path, default=None,
                     help="measure this existing atlas instead of building one (e.g. the small source as a baseline)")
     args = ap.parse_args()
