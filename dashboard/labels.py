@@ -24,10 +24,11 @@ def concept_label(k: int, prefix: str = "C") -> str:
     return f"{prefix}{int(k) + 1}"
 
 
-def legend_html(labels: list[str], colors: list[str]) -> str:
-    """Inline colour chips for st.markdown(..., unsafe_allow_html=True)."""
+def legend_html(labels: list[str], colors: list[str], title: str = "") -> str:
+    """Inline colour chips for st.markdown(..., unsafe_allow_html=True), after `title` in bold if given."""
     chips = [f'<span style="display:inline-block;margin-right:1.2em;white-space:nowrap">'
              f'<span style="display:inline-block;width:1em;height:1em;background:{c};'
              f'border:1px solid #444;vertical-align:middle;margin-right:.35em"></span>{html.escape(str(lab))}</span>'
              for lab, c in zip(labels, colors)]
-    return "".join(chips)
+    head = f"<b>{html.escape(title)}</b>&nbsp; " if title else ""
+    return head + "".join(chips)

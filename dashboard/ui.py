@@ -79,10 +79,6 @@ def concept_scale(k: int) -> alt.Scale:
     return alt.Scale(domain=[concept_label(j) for j in range(k)], range=concept_colors(k))
 
 
-def concept_legend(k: int) -> None:
-    st.markdown(legend_html([concept_label(j) for j in range(k)], concept_colors(k)), unsafe_allow_html=True)
-
-
 def tile_captions(data: AtlasData, rows) -> list[str]:
     """'slide · C3 · TUM 0.93' for each tile row."""
     ids = data.slide_ids()
@@ -171,6 +167,19 @@ def _open_picked(data: AtlasData, chart_key: str) -> None:
     if 0 <= row < data.n:
         st.session_state["_gallery_opens"] = st.session_state.get("_gallery_opens", 0) + 1
         open_tile(data, row)
+
+
+def media_url(content: bytes, mime: str, slot: str) -> str:
+    """A short link ('/media/<hash>.png') under which the server hands `content` to this browser session
+    while each run registers it again at `slot` (one name per place on the page: a new file at the same
+    slot replaces the old one, so files do not pile up). A data URL where no Streamlit server runs."""
+    from streamlit import runtime
+
+    if not runtime.exists():
+        return raster.data_url(content, mime)
+    url = runtime.get_instance().media_file_mgr.add(content, mime, slot)
+    base = (st.get_option("server.baseUrlPath") or "").strip("/")
+    return f"/{base}{url}" if base else url
 
 
 def inline_image(img) -> str:

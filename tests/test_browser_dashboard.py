@@ -7,6 +7,7 @@ Skips (with the reason) when /usr/bin/chromium or the playwright package is miss
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 
@@ -15,6 +16,8 @@ import pytest
 from browser_harness import ARTIFACTS, chromium, dashboard_server, expect, missing_browser
 from browser_harness import idle as harness_idle
 from dashboard import ui
+from precompute.colors import concept_colors, diagnosis_colors
+from precompute.store import Atlas
 from dashboard_fixtures import dash_atlas  # noqa: F401  (dash_atlas is a fixture)
 
 pytestmark = pytest.mark.browser
@@ -189,6 +192,38 @@ def test_open_a_slide_and_click_a_tile(page, server):
     open_view(page, server, "?page=slides&slide=broken")
     assert page.get_by_text("This slide failed during the run").is_visible()
     check(page, "slide-broken")
+
+
+SCATTER = '[data-testid="stVegaLiteChart"]'
+POINT_FILLS = f"() => [...document.querySelector({SCATTER!r}).querySelectorAll('g.mark-symbol path')].map(p => p.getAttribute('fill'))"
+
+
+def test_overview_recolours_the_same_chart_and_serves_its_density_image(page, server, dash_atlas):
+    with Atlas(dash_atlas) as a:
+        diagnoses, k = sorted(set(a.slides()["diagnosis"])), a.k
+    open_view(page, server, "?page=overview")
+    chart = page.locator(SCATTER).first
+    image = chart.locator("svg g.mark-image image").first
+    image.wait_for(state="attached", timeout=TIMEOUT_MS)
+    href = image.evaluate("el => el.getAttribute('href') || el.getAttribute('xlink:href')")
+    # a short link to this server (Vega resolves it), no base64 in the chart
+    assert re.fullmatch(re.escape(server["url"]) + r"/media/[0-9a-f]+\.png", href), href
+    got = page.request.get(href)
+    assert got.ok and got.body()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(page.evaluate(POINT_FILLS)) <= {c.lower() for c in concept_colors(k)}
+    chart.locator("svg").first.evaluate("el => { el.dataset.before = 'yes'; }")
+    choose(page, "Colour by", "Diagnosis")
+    page.wait_for_url(re.compile(r"[?&]color=diagnosis"), timeout=TIMEOUT_MS)
+    want = sorted({c.lower() for c in diagnosis_colors(diagnoses)})
+    # every point turns to its diagnosis's colour in place: the browser kept the chart and swapped its data
+    page.wait_for_function(f"() => {{ const f = new Set(({POINT_FILLS})()); "
+                           f"return f.size > 0 && [...f].every(c => {json.dumps(want)}.includes(c)); }}",
+                           timeout=TIMEOUT_MS)
+    assert chart.locator("svg").first.get_attribute("data-before") == "yes"
+    legend = page.locator('[data-testid="stMarkdownContainer"]', has=page.locator("b", has_text="diagnosis"))
+    for d in diagnoses:
+        expect(legend.first).to_contain_text(d)  # the legend above the chart
+    check(page, "overview-colour-by-diagnosis")
 
 
 def test_permalink_reopens_the_same_view(page, browser, server):

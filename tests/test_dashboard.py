@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -31,6 +32,11 @@ def chart_tables(at: AppTest, index: int = 0) -> list[pd.DataFrame]:
     """The data sets shipped to the browser with the index-th Vega-Lite chart."""
     proto = at.get("vega_lite_chart")[index].proto
     return [pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in proto.datasets]
+
+
+def legend_of(at: AppTest) -> str:
+    """The scatter's colour legend (HTML above the chart)."""
+    return next(m.value for m in at.markdown if m.value.startswith("<b>"))
 
 
 def points_of(at: AppTest) -> pd.DataFrame:
@@ -120,17 +126,32 @@ def test_overview_summary_and_scatter(dash_atlas, atlas_info, monkeypatch):
     assert cohort["tiles"].sum() == atlas_info["n"]
     pts = points_of(at)  # a small atlas: every tile is a point
     assert sorted(pts["row"]) == list(range(atlas_info["n"]))
-    # the density image is drawn from the spec, so the chart's data ("Show data") holds no base64
-    assert '"data:image/png;base64,' in at.get("vega_lite_chart")[0].proto.spec
-    assert not any("base64" in str(t.iloc[0].tolist()) for t in chart_tables(at) if len(t))
+    # the density image comes by a short link, so neither the spec nor "Show data" holds base64
+    spec = at.get("vega_lite_chart")[0].proto.spec
+    density = next(t for t in chart_tables(at) if "url" in t.columns)
+    assert len(density) == 1 and re.fullmatch(r"/(\w+/)?media/[0-9a-f]+\.png", density["url"][0])
+    assert "base64" not in spec and not any("base64" in t.to_string() for t in chart_tables(at))
     truth = atlas_info["tiles"]["nmf_cluster"][pts["row"]] + 1
     assert (pts["concept"].astype(str) == [f"C{c}" for c in truth]).all()
     from dashboard.views.overview import COLOR_MODES
+    from precompute.colors import concept_colors, diagnosis_colors
+    assert list(pts["colour"].astype(str)) == [concept_colors(atlas_info["k"])[c - 1] for c in truth]
+    diagnoses = sorted(set(atlas_info["slides"]["diagnosis"]))
+    slide_dx = np.asarray(atlas_info["slides"]["diagnosis"], dtype=object)
     for mode in COLOR_MODES:
         at.selectbox(key="url_color").select(mode).run()
         assert_clean(at)
         assert at.query_params["color"] in (mode, [mode])
-        assert at.get("vega_lite_chart"), mode
+        # one chart for every colouring (the browser keeps it and swaps its data): only the data differ
+        assert at.get("vega_lite_chart")[0].proto.spec == spec, mode
+        if mode == "diagnosis":  # each point in the colour of its slide's diagnosis, and a legend for it
+            p = points_of(at)
+            want = [diagnosis_colors(diagnoses)[diagnoses.index(slide_dx[i])]
+                    for i in atlas_info["tiles"]["slide"][p["row"]]]
+            assert list(p["colour"].astype(str)) == want
+            assert all(f"</span>{d}</span>" in legend_of(at) for d in diagnoses)  # HTML, above the chart
+        if mode == "output":
+            assert "linear-gradient" in legend_of(at)
 
 
 def test_diagnosis_filter_applies_to_every_view(dash_atlas, atlas_info, monkeypatch):
