@@ -17,7 +17,7 @@ from precompute.images import encode_image
 
 from . import raster
 from .data import AtlasData
-from .labels import concept_label, legend_html
+from .labels import concept_label
 from .tile_link import open_tile
 
 GALLERY_MAX = 24  # four rows of six: what a 1080p screen shows at once; the CSV has them all
