@@ -397,7 +397,8 @@ def _scatter(data: AtlasData, diagnoses: list[str]) -> None:
         return
     colours, legend = _colouring(data, mode, output, pts)
     st.markdown(legend, unsafe_allow_html=True)
-    live = _points(data.key, tuple(diagnoses), n_points, tuple(concept_label(j) for j in range(data.k)), data)
+    # the browser needs the tooltip fields and each point's colour, not the colouring's own column
+    live = pts.drop(columns=["kmeans", "output", "slide_colour"], errors="ignore")
     # the image by a short link (the chart's "Show data" then lists no base64), one per session and run
     image = _density_row(ext, ui.media_url(png, "image/png", "overview-scatter-density"))
     spec = _live_spec(data.key, ext, *_point_style(len(pts)), data.out_label)
