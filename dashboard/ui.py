@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 from typing import Callable
@@ -129,7 +130,7 @@ def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, w
     cost the browser about 0.5 s per rerun at 10^6 tiles, one chart about 0.1 s."""
     n = len(rows)
     rows_n = (n + cols - 1) // cols
-    row_h = width + 48  # image, then two caption lines
+    row_h = width + CAPTION_PX
     df = pd.DataFrame({
         "row": np.asarray(rows, np.int64), "col": np.arange(n) % cols, "top": (np.arange(n) // cols) * row_h,
         "url": [inline_image(img) for img in images], "caption": list(caps),
@@ -138,10 +139,24 @@ def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, w
     })
     opened = st.session_state.get("_gallery_opens", 0)
     chart_key = f"gallery_{key}_{opened}"  # a new chart after each open: no selection left over to re-click
+    st.vega_lite_chart(spec={**_gallery_spec(cols, width, rows_n), "datasets": {GALLERY: df}}, width="stretch",
+                       on_select=lambda: _open_picked(data, chart_key), selection_mode="open", key=chart_key)
+
+
+GALLERY = "tiles"  # the gallery chart's named data set: row, col, top (px), url, caption, lines
+CAPTION_PX = 48  # under each gallery image: two caption lines
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _gallery_spec(cols: int, width: int, n_rows: int) -> dict:
+    """Vega-Lite spec of a gallery of `n_rows` rows of `cols` images (at most `width` px wide) over the
+    data set GALLERY. Built and checked once per shape: Altair's check of it took 0.05 s per gallery on
+    every rerun."""
+    row_h = width + CAPTION_PX
     pick = alt.selection_point(name="open", fields=["row"], on="click", toggle=False, clear=False)
     # columns share the page's width (images shrink to fit a narrow column); rows are placed in pixels
     x = alt.X("col:O", axis=None, scale=alt.Scale(domain=list(range(cols)), paddingInner=0, paddingOuter=0))
-    base = alt.Chart(df).encode(x=x)
+    base = alt.Chart(alt.Data(name=GALLERY)).encode(x=x)
     size = alt.expr(f"min({width}, bandwidth('x') - 8)")
     tip = [alt.Tooltip("caption:N", title="tile"), alt.Tooltip("action:N", title="click")]
     pictures = base.transform_calculate(action="'open on its slide'").mark_image(
@@ -152,9 +167,7 @@ def image_grid(data: AtlasData, images: list, caps: list[str], rows, key: str, w
         baseline="top", fontSize=15, color=AXIS_COLOR, lineBreak="\n", limit=alt.expr("bandwidth('x') - 6"),
         yOffset=alt.expr(f"min({width}, bandwidth('x') - 8) + 4"),
     ).encode(y=alt.Y("top:Q", scale=None, axis=None), text="lines:N")
-    st.altair_chart(alt.layer(pictures, labels).properties(height=rows_n * row_h).configure_view(stroke=None),
-                    width="stretch", on_select=lambda: _open_picked(data, chart_key), selection_mode="open",
-                    key=chart_key)
+    return alt.layer(pictures, labels).properties(height=n_rows * row_h).configure_view(stroke=None).to_dict()
 
 
 def _open_picked(data: AtlasData, chart_key: str) -> None:
@@ -248,6 +261,11 @@ def spec_chart(spec: dict, png: Callable[[], bytes], name: str, **kwargs):
     event = st.vega_lite_chart(spec=spec, **kwargs)
     _chart_png_button(png, name)
     return event
+
+
+def ready_chart(spec: dict, name: str, **kwargs):
+    """`spec_chart` of a styled spec with its data inline (e.g. cached): the PNG is drawn from the same spec."""
+    return spec_chart(spec, lambda: spec_png(copy.deepcopy(spec)), name, **kwargs)
 
 
 def _chart_png_button(png: Callable[[], bytes], label: str) -> None:

@@ -9,6 +9,7 @@ Set LUMEN_DASHBOARD_FIDELITY_TEST_ATLAS to an atlas built like `fid_atlas` to sk
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -246,6 +247,32 @@ def test_undefined_values_render(tmp_path, monkeypatch):
     for k in (1, 2, 3):
         at = open_app(path, monkeypatch, page="cluster", cluster=str(k))
         assert "GradCAM r, all tiles" in metrics(at)
+
+
+def charts_with(at: AppTest, column: str) -> str:
+    """The Vega-Lite charts of the page that ship a data set with `column`, as text (spec and data)."""
+    parts = []
+    for chart in at.get("vega_lite_chart"):
+        tables = [pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in chart.proto.datasets]
+        if any(column in t.columns for t in tables):
+            parts += [chart.proto.spec] + [t.to_csv() for t in tables]
+    return "\n".join(parts)
+
+
+def test_a_name_given_later_reaches_the_charts_drawn_before(tmp_path, monkeypatch):
+    """The pages keep chart specs and tile picks between visits (per atlas, filter and concept names): a
+    name saved after a visit shows on the next one, in the coefficient charts and the concept's galleries."""
+    from precompute import notes as nm
+
+    path = _write_atlas(tmp_path / "named.h5", [("s0", "x", "p"), ("s1", "y", "q")], fidelity=True)
+    monkeypatch.delenv("LUMEN_NOTES", raising=False)  # names from the default notes file beside the atlas
+    charts = {"fidelity": "effect_per_sd", "cluster": "caption"}  # coefficient charts; galleries
+    first = {page: charts_with(open_app(path, monkeypatch, page=page, cluster="1"), col)
+             for page, col in charts.items()}
+    assert all("C1" in text and "stroma" not in text for text in first.values())
+    nm.save_concept(nm.default_path(path), path, hashlib.sha256(path.read_bytes()).hexdigest(), 3, 0, "stroma", "")
+    for page, col in charts.items():
+        assert "stroma" in charts_with(open_app(path, monkeypatch, page=page, cluster="1"), col), page
 
 
 # -- the concept drill-down ----------------------------------------------------------------------------

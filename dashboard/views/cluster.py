@@ -56,7 +56,7 @@ def render(data: AtlasData, diagnoses: list[str]) -> None:
             with left:
                 _prototypes(data, k, slide_ok)
             with right:
-                _typical(data, k, members)
+                _typical(data, k, tuple(diagnoses))
         elif tab == "composition":
             with left:
                 _composition(data, k, slide_ok)
@@ -168,9 +168,17 @@ def typical_rows(data: AtlasData, k: int, members: np.ndarray, n: int = N_TYPICA
     return members[order[:n]]
 
 
-def _typical(data, k, members) -> None:
+@st.cache_data(max_entries=32, show_spinner=False)
+def _typical_rows(key: str, k: int, dx: tuple[str, ...], _data: AtlasData) -> np.ndarray:
+    """`typical_rows` of concept k among the tiles in the filter `dx`, per atlas (`key`), concept and
+    filter: it sorts every member tile, 0.08 s at 10^6 tiles, which each rerun of the page repeated."""
+    members = np.flatnonzero(_data.tile_mask(list(dx)) & (_data.nmf == k))
+    return typical_rows(_data, k, members)
+
+
+def _typical(data, k, dx: tuple[str, ...]) -> None:
     st.subheader("Most typical tiles")
-    rows = typical_rows(data, k, members)
+    rows = _typical_rows(data.key, k, dx, data)
     if not len(rows):
         st.info("No tile in the filter has this concept as its dominant one.")
         return
