@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 from typing import Callable
@@ -265,7 +264,7 @@ def spec_chart(spec: dict, png: Callable[[], bytes], name: str, **kwargs):
 
 def ready_chart(spec: dict, name: str, **kwargs):
     """`spec_chart` of a styled spec with its data inline (e.g. cached): the PNG is drawn from the same spec."""
-    return spec_chart(spec, lambda: spec_png(copy.deepcopy(spec)), name, **kwargs)
+    return spec_chart(spec, lambda: spec_png({**spec}), name, **kwargs)  # spec_png sets a top-level width
 
 
 def _chart_png_button(png: Callable[[], bytes], label: str) -> None:

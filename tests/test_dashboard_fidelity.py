@@ -112,10 +112,14 @@ def assert_clean(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def chart_tables(chart) -> list[pd.DataFrame]:
+    """The data sets shipped to the browser with one Vega-Lite chart."""
+    return [pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in chart.proto.datasets]
+
+
 def datasets(at: AppTest) -> list[pd.DataFrame]:
     """Every data set shipped to the browser with any Vega-Lite chart of the page."""
-    return [pa.ipc.open_stream(d.data.data).read_all().to_pandas()
-            for chart in at.get("vega_lite_chart") for d in chart.proto.datasets]
+    return [t for chart in at.get("vega_lite_chart") for t in chart_tables(chart)]
 
 
 def table_with(at: AppTest, *columns: str) -> pd.DataFrame:
@@ -253,7 +257,7 @@ def charts_with(at: AppTest, column: str) -> str:
     """The Vega-Lite charts of the page that ship a data set with `column`, as text (spec and data)."""
     parts = []
     for chart in at.get("vega_lite_chart"):
-        tables = [pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in chart.proto.datasets]
+        tables = chart_tables(chart)
         if any(column in t.columns for t in tables):
             parts += [chart.proto.spec] + [t.to_csv() for t in tables]
     return "\n".join(parts)

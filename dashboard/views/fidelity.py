@@ -176,9 +176,9 @@ def _coef_chart(df: pd.DataFrame, field: str, k: int, title: str, axis: str) -> 
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _coef_spec(df: pd.DataFrame, field: str, k: int, title: str, axis: str, labels: tuple[str, ...]) -> dict:
-    """Styled Vega-Lite spec of `_coef_chart`, per table, field, titles and concept names (`labels`, so
-    that a renamed concept is not served stale): Altair took 0.1 s per chart on every visit."""
+def _coef_spec(df: pd.DataFrame, field: str, k: int, title: str, axis: str) -> dict:
+    """Styled Vega-Lite spec of `_coef_chart`, per table (it holds every concept's current name, so a
+    renamed concept is not served stale), field and titles: Altair took 0.1 s per chart on every visit."""
     return ui.styled(_coef_chart(df, field, k, title, axis)).to_dict()
 
 
@@ -187,13 +187,12 @@ def _coefficients(data: AtlasData, rep: dict) -> None:
     df = concept_table(rep)
     name = rep["output"]["name"]
     left, right = st.columns(2)
-    labels = tuple(concept_label(j) for j in range(data.k))
     with left:
         title = f"Regression coefficient per concept ({name} {rep.get('target', 'logit')})"
-        ui.ready_chart(_coef_spec(df, "coef", data.k, title, "← down · coefficient · up →", labels), title)
+        ui.ready_chart(_coef_spec(df, "coef", data.k, title, "← down · coefficient · up →"), title)
     with right:
         title = "Effect per standard deviation of the concept's weight"
-        ui.ready_chart(_coef_spec(df, "effect_per_sd", data.k, title, "← down · effect per SD · up →", labels), title)
+        ui.ready_chart(_coef_spec(df, "effect_per_sd", data.k, title, "← down · effect per SD · up →"), title)
     up = [r.concept for r in df.itertuples() if r.direction == UP]
     down = [r.concept for r in df.itertuples() if r.direction == DOWN]
     st.markdown(f"Bars to the right: more of the concept in a tile raises the {name} score "

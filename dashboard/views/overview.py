@@ -25,6 +25,7 @@ from ..labels import concept_label, legend_html
 TABS = {"tiles": "All tiles", "concepts": "Concepts", "cohort": "Cohort and method"}
 COLOR_MODES = {"nmf": "NMF concept", "kmeans": "k-means cluster", "diagnosis": "Diagnosis",
                "slide": "Slide", "output": "Model output"}
+LEGEND_TITLES = {"nmf": "concept", "kmeans": "k-means cluster", "diagnosis": "diagnosis"}  # categorical colourings
 
 
 def render(data: AtlasData, diagnoses: list[str]) -> None:
@@ -263,8 +264,7 @@ def _colouring(data: AtlasData, mode: str, output: int, pts: pd.DataFrame) -> tu
         return _cat_colours(colours, codes), legend_html(names, colours, title="slide")
     codes, labels = _color_spec(data, mode)
     colours = diagnosis_colors(labels) if mode == "diagnosis" else concept_colors(len(labels))
-    title = {"nmf": "concept", "kmeans": "k-means cluster", "diagnosis": "diagnosis"}[mode]
-    return _cat_colours(colours, codes[rows]), legend_html(labels, colours, title=title)
+    return _cat_colours(colours, codes[rows]), legend_html(labels, colours, title=LEGEND_TITLES[mode])
 
 
 def _cat_colours(colours: list[str], codes: np.ndarray) -> pd.Categorical:
